@@ -1,0 +1,104 @@
+"""The one entry point: train, evaluate or sample a model from an experiment config.
+
+  python experiments/run.py --config=experiments/base.py --workdir=runs/base
+  python experiments/run.py --config=experiments/base.py --workdir=runs/base --mode=eval
+  python experiments/run.py --config=experiments/base.py --workdir=runs/base --mode=sample \
+      --prompt="ROMEO:" --temperature=0.8 --num_samples=3
+
+`--config.a.b=value` overrides a field; unknown keys and ill-typed values fail with one line.
+A workdir that holds a checkpoint is resumed. Several processes (one per host) start
+jax.distributed from --coordinator_address/--num_processes/--process_id, or from the
+cluster's environment (SLURM, ...) when those are absent and it is a cluster job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_string("data_path", None, "eval: evaluate on this data instead of the config's.")
+flags.DEFINE_string("prompt", None, "sample: the prompt (default: config.sample.prompt).")
+flags.DEFINE_integer("num_samples", None, "sample: sequences per prompt.")
+flags.DEFINE_integer("max_new_tokens", None, "sample: tokens to generate.")
+flags.DEFINE_float("temperature", None, "sample: 0 is greedy.")
+flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", None, "sample: nucleus mass in (0, 1].")
+flags.DEFINE_integer("seed", None, "sample: random seed.")
+flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "multi-process: this process's index.")
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag or config override is one line on stderr, not a dump."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+
+
+def init_distributed() -> None:
+  import jax
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif any(v in os.environ for v in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")) and \
+      int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) > 1:
+    jax.distributed.initialize()  # jax detects the cluster's coordinator and process ids
+
+
+def quiet_library_logs() -> None:
+  """Libraries (Orbax on every save, JAX at start-up) log at INFO through absl too: keep their
+  warnings, and INFO from this project only."""
+  import logging as py_logging
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or r.pathname.startswith(root))
+
+
+def main(argv):
+  quiet_library_logs()
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.config is None:
+    fail("--config is required, e.g. --config=experiments/base.py")
+  if FLAGS.workdir is None:
+    fail("--workdir is required, e.g. --workdir=runs/base")
+  from lm.errors import UsageError
+  try:
+    init_distributed()
+    from lm import evaluate
+    config = FLAGS.config
+    sample_overrides = {k: getattr(FLAGS, k) for k in
+                        ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
+                         "seed", "prompt") if getattr(FLAGS, k) is not None}
+    if FLAGS.mode == "train":
+      from lm import train
+      train.train(config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+      evaluate.evaluate_workdir(config, FLAGS.workdir, data_path=FLAGS.data_path)
+    else:
+      evaluate.sample_workdir(config, FLAGS.workdir, **sample_overrides)
+  except UsageError as e:
+    fail(str(e))
+  except ValueError as e:  # e.g. a kernel rejecting shapes: a clear message, no traceback
+    logging.debug("ValueError", exc_info=True)
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

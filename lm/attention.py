@@ -1,0 +1,91 @@
+"""The one attention entry point of the model: `attention(q, k, v, impl=...)`.
+
+Layout everywhere: q [B, Tq, H, D], k and v [B, Tk, KVH, D] with KVH dividing H (GQA).
+Masking: causal, plus optional segment ids [B, T] so that packed sequences never attend
+across documents (a token attends only to keys with its own segment id).
+
+impl:
+  xla            einsum + softmax in plain JAX: the reference, runs anywhere
+  cudnn          jax.nn.dot_product_attention(implementation="cudnn"), GPU only
+  triton         our fused flash-attention kernel (kernels/), GPU or CPU interpreter
+  triton_softmax XLA matmuls around our fused Triton softmax kernel
+  auto           triton on GPU, xla elsewhere
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")
+_MASK_VALUE = -1e30  # finite, so a fully masked row gives zeros rather than NaN
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
+  if impl == "auto":
+    return "triton" if jax.default_backend() == "gpu" else "xla"
+  return impl
+
+
+def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=None):
+  impl = resolve_impl(impl)
+  if impl == "xla":
+    return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+  if impl == "cudnn":
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    # cuDNN takes GQA natively (k/v with fewer heads).
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation="cudnn")
+  import kernels  # imported lazily: the xla path never needs Triton
+  fn = kernels.flash_attention if impl == "triton" else kernels.fused_softmax_attention
+  return fn(q, k, v, causal=causal, segment_ids=segment_ids)
+
+
+def _scores(q, k):
+  """QK^T/sqrt(d) per query head, grouping query heads over shared K/V heads (no repeat)."""
+  b, tq, h, d = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, tq, kvh, h // kvh, d)
+  s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  return s * (1.0 / jnp.sqrt(d).astype(jnp.float32))
+
+
+def _weighted_values(p, v, out_shape, dtype):
+  out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v)
+  return out.reshape(out_shape).astype(dtype)
+
+
+def _softmax(s, mask):
+  s = jnp.where(mask, s, _MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1)
+  return jnp.where(mask, p, 0.0)  # rows with no visible key give zeros
+
+
+def xla_attention(q, k, v, *, causal=True, segment_ids=None):
+  tq, tk = q.shape[1], k.shape[1]
+  mask = jnp.ones((1, 1, 1, tq, tk), bool)
+  if causal:  # queries aligned to the end of the keys (decoding-style when tq < tk)
+    mask &= (jnp.arange(tq)[:, None] + (tk - tq)) >= jnp.arange(tk)[None, :]
+  if segment_ids is not None:
+    q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    mask &= (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
+  p = _softmax(_scores(q, k), mask)
+  return _weighted_values(p, v, q.shape, q.dtype)
+
+
+def cached_attention(q, k_cache, v_cache, cache_index, valid):
+  """Attention of a chunk of queries written at `cache_index` over the whole KV cache.
+
+  valid [B, max_len] (nonzero = a real token) hides left padding; later slots are hidden by
+  causality, so stale cache contents are never read.
+  """
+  tq, tk = q.shape[1], k_cache.shape[1]
+  q_pos = cache_index + jnp.arange(tq)
+  mask = (q_pos[:, None] >= jnp.arange(tk)[None, :])[None, None, None]
+  mask &= (valid != 0)[:, None, None, None, :]
+  p = _softmax(_scores(q, k_cache), mask)
+  return _weighted_values(p, v_cache, q.shape, q.dtype)

@@ -1,0 +1,93 @@
+"""Checkpoints with Orbax: train state (sharded arrays) plus a JSON record of the run.
+
+Layout: WORKDIR/checkpoints/<step>/{state,meta}. Orbax writes each step into a temporary
+directory and renames it when complete, so a crash mid-save leaves the earlier checkpoints
+intact and `latest_step` never returns a half-written one. Saves of sharded arrays are
+collective: every process calls `save`, each writes its own shards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lm.errors import UsageError
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: nnx.State, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state.to_pure_dict()),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out.meta
+
+  def restore(self, abstract_state: nnx.State, step: int | None = None) -> nnx.State:
+    """Restores into the shapes and shardings of `abstract_state` (any mesh, any device count)."""
+    step = self.latest_step() if step is None else step
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        abstract_state.to_pure_dict())
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill
+    nnx.replace_by_pure_dict(state, out.state)
+    return state
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_meta(workdir_or_ckpt_dir: str) -> tuple[Checkpointer, dict]:
+  """Opens WORKDIR/checkpoints (or a checkpoints dir itself) and reads its latest record."""
+  d = workdir_or_ckpt_dir
+  if os.path.isdir(os.path.join(d, "checkpoints")):
+    d = os.path.join(d, "checkpoints")
+  if not os.path.isdir(d):
+    raise UsageError(f"no checkpoint directory at {workdir_or_ckpt_dir}")
+  ckpt = Checkpointer(d)
+  if ckpt.latest_step() is None:
+    raise UsageError(f"{d} holds no checkpoint")
+  return ckpt, ckpt.read_meta()
+
+
+class StopSignal:
+  """Turns SIGTERM (a preempted job) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside some test runners)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False

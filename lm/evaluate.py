@@ -1,0 +1,69 @@
+"""Use a trained run: load its latest checkpoint, evaluate on a whole split, or sample text."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jax
+from absl import logging
+from flax import nnx
+
+from lm import checkpoint as ckpt_lib
+from lm import data as data_lib
+from lm import tokenizers
+from lm import train as train_lib
+
+
+def load(config, workdir: str):
+  """(run, state, tokenizer, step) of the latest checkpoint in `workdir`.
+
+  The model's shape comes from the checkpoint's own config; everything else (data, batch
+  sizes, attention_impl, dtype) from `config`, so one may evaluate on other data or kernels.
+  """
+  ckpt, meta = ckpt_lib.read_meta(workdir)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for field in train_lib.SHAPE_FIELDS:
+      if field in meta["config"]["model"]:
+        config.model[field] = meta["config"]["model"][field]
+  tokenizer = tokenizers.from_json(meta["tokenizer"])
+  run = train_lib.make_run(config, tokenizer.vocab_size)
+  state = ckpt.restore(run.abstract_state())
+  step = ckpt.latest_step()
+  ckpt.close()
+  return run, state, tokenizer, step
+
+
+def evaluate_workdir(config, workdir: str, data_path: str | None = None) -> dict:
+  """Loss, perplexity and bits per byte over the whole validation split; appended to metrics."""
+  run, state, tokenizer, step = load(config, workdir)
+  if data_path is not None:
+    with run.config.unlocked():
+      run.config.data.path = data_path
+  corpus = data_lib.load_corpus(run.config.data, tokenizer)
+  with jax.set_mesh(run.mesh):
+    result = train_lib.evaluate(run, train_lib.make_eval_step(run), state, corpus,
+                                run.config.train.eval_batch_size)
+  result = {"mode": "eval", "data": run.config.data.path or "embedded plays", **result}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **result}) + "\n")
+    print(json.dumps(result), flush=True)
+  logging.info("eval at step %d: %s", step, result)
+  return result
+
+
+def sample_workdir(config, workdir: str, **overrides) -> list[str]:
+  """Prints (and returns) samples; overrides replace fields of config.sample."""
+  from lm import sample as sample_lib
+  run, state, tokenizer, _ = load(config, workdir)
+  sample_cfg = copy.deepcopy(run.config.sample)
+  with sample_cfg.unlocked():
+    sample_cfg.update(overrides)
+  model = nnx.merge(run.graphdef, state)[0]
+  texts = sample_lib.sample_text(model, tokenizer, sample_cfg)
+  for text in texts:
+    print(f"--- sample ---\n{text}", flush=True)
+  return texts

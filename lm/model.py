@@ -1,0 +1,319 @@
+"""A decoder-only Transformer language model in Flax NNX.
+
+Read top to bottom: config, parameters with logical axis names, positions (learned or rotary),
+attention, MLP, block, the LM (with an optional classification head) and its KV cache.
+
+Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
+"mlp"); lm/sharding.py maps them to mesh axes with rules from the config, so the model knows
+nothing of devices. Parameters are fp32; activations use `config.dtype` (bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import attention as attention_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  max_seq_len: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0: same as num_heads (MHA); fewer: grouped-query attention
+  d_model: int = 128
+  d_ff: int = 0  # 0: 4 * d_model
+  dropout: float = 0.0
+  attention_impl: str = "auto"  # xla | cudnn | triton | triton_softmax | auto
+  positions: str = "rope"  # rope | learned
+  norm: str = "pre"  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
+  mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  ln_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  dtype: str = "float32"  # activation/compute dtype
+  num_classes: int = 0  # > 0 adds a sequence-classification head
+
+  def __post_init__(self):
+    kv = self.kv_heads
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+    if self.num_heads % kv:
+      raise ValueError(f"num_kv_heads={kv} does not divide num_heads={self.num_heads}")
+    for name, value, allowed in (("positions", self.positions, ("rope", "learned")),
+                                 ("norm", self.norm, ("pre", "post")),
+                                 ("mlp", self.mlp, ("gelu", "swiglu"))):
+      if value not in allowed:
+        raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def ff_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+    """Builds from the ml_collections `config.model` section."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    return cls(vocab_size=vocab_size, **{k: v for k, v in model_cfg.items() if k in fields})
+
+
+def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
+  """An fp32 parameter annotated with logical axis names (sharded later, by jit)."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32),
+                   sharding_names=axes, eager_sharding=False)
+
+
+normal = nnx.initializers.normal
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def dense(x, w, b=None):
+  """x[..., in] @ w[in, *out] as one 2-D matmul (faster than a batched one, notably on CPU)."""
+  lead, out = x.shape[:-1], w.shape[1:]
+  y = x.reshape(-1, x.shape[-1]) @ w.value.reshape(w.shape[0], -1).astype(x.dtype)
+  y = y.reshape(*lead, *out)
+  return y if b is None else y + b.value.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.eps = cfg.ln_eps
+    self.scale = param(rngs, ones, (cfg.d_model,), ("norm",))
+    self.bias = param(rngs, zeros, (cfg.d_model,), ("norm",))
+
+  def __call__(self, x):
+    # Statistics in fp32 whatever the compute dtype.
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+    return y.astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (rotate-half convention)."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None, None].astype(jnp.float32) * freq  # [B, T, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class LayerCache(NamedTuple):
+  """Keys and values of one layer for incremental decoding: [B, max_len, kv_heads, head_dim]."""
+  k: jax.Array
+  v: jax.Array
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention softmax(QK^T/sqrt(d_k))V with grouped-query K/V."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    std = 0.02
+    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2's scaled init of residual outputs
+    self.wq = param(rngs, normal(std), (d, h, hd), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, normal(out_std), (h * hd, d), ("heads_merged", "embed"))
+    if cfg.use_bias:
+      self.bq = param(rngs, zeros, (h, hd), ("heads", "head_dim"))
+      self.bk = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"))
+      self.bv = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"))
+      self.bo = param(rngs, zeros, (d,), ("embed",))
+    else:
+      self.bq = self.bk = self.bv = self.bo = None
+
+  def __call__(self, x, positions, segment_ids, cache: LayerCache | None, cache_index):
+    cfg = self.cfg
+    q = dense(x, self.wq, self.bq)
+    k = dense(x, self.wk, self.bk)
+    v = dense(x, self.wv, self.bv)
+    if cfg.positions == "rope":
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if cache is None:
+      out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=True,
+                                    segment_ids=segment_ids)
+    else:
+      # Decoding: write this chunk at cache_index, attend over the whole (masked) cache.
+      ck = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, 1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, 1)
+      cache = LayerCache(ck, cv)
+      out = attention_lib.cached_attention(q, ck, cv, cache_index, segment_ids)
+    out = out.reshape(*out.shape[:-2], -1)
+    return dense(out, self.wo, self.bo), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    d, f = cfg.d_model, cfg.ff_dim
+    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    self.w_in = param(rngs, normal(0.02), (d, f), ("embed", "mlp"))
+    self.w_gate = param(rngs, normal(0.02), (d, f), ("embed", "mlp")) if cfg.mlp == "swiglu" else None
+    self.w_out = param(rngs, normal(out_std), (f, d), ("mlp", "embed"))
+    use_b = cfg.use_bias
+    self.b_in = param(rngs, zeros, (f,), ("mlp",)) if use_b else None
+    self.b_out = param(rngs, zeros, (d,), ("embed",)) if use_b else None
+
+  def __call__(self, x):
+    h = dense(x, self.w_in, self.b_in)
+    if self.kind == "swiglu":
+      h = jax.nn.silu(dense(x, self.w_gate)) * h
+    else:
+      h = jax.nn.gelu(h, approximate=True)
+    return dense(h, self.w_out, self.b_out)
+
+
+class Block(nnx.Module):
+  """Attention and MLP sublayers with residuals; pre-LN: x + f(LN(x)), post-LN: LN(x + f(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.pre = cfg.norm == "pre"
+    self.ln1, self.ln2 = LayerNorm(cfg, rngs), LayerNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x, positions, segment_ids, cache, cache_index, rngs):
+    drop = lambda y: self.dropout(y, rngs=rngs, deterministic=rngs is None)
+    if self.pre:
+      a, cache = self.attn(self.ln1(x), positions, segment_ids, cache, cache_index)
+      x = x + drop(a)
+      x = x + drop(self.mlp(self.ln2(x)))
+    else:
+      a, cache = self.attn(x, positions, segment_ids, cache, cache_index)
+      x = self.ln1(x + drop(a))
+      x = self.ln2(x + drop(self.mlp(x)))
+    return x, cache
+
+
+class Transformer(nnx.Module):
+  """Token ids [B, T] -> next-token logits [B, T, vocab] (fp32)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, normal(0.02), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    if cfg.positions == "learned":
+      self.pos_embed = param(rngs, normal(0.01), (cfg.max_seq_len, cfg.d_model), (None, "embed"))
+    else:
+      self.pos_embed = None
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.ln_f = LayerNorm(cfg, rngs) if cfg.norm == "pre" else None
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+    else:
+      self.head = None
+    if cfg.num_classes:
+      self.cls_head = param(rngs, normal(0.02), (cfg.d_model, cfg.num_classes), ("embed", None))
+      self.cls_bias = param(rngs, zeros, (cfg.num_classes,), (None,))
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def hidden(self, tokens, *, positions=None, segment_ids=None, cache=None, cache_index=0,
+             rngs: nnx.Rngs | None = None):
+    """Final hidden states [B, T, d_model] (and the updated cache when decoding).
+
+    positions default to 0..T-1; segment_ids [B, T] (0 = padding) restrict attention to a
+    token's own segment. Pass `rngs` (with a "dropout" stream) to train with dropout.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t) + cache_index, (b, t))
+    x = jnp.take(self.embed.value, tokens, axis=0)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed.value, positions, axis=0)
+    x = self.dropout(x.astype(cfg.compute_dtype), rngs=rngs, deterministic=rngs is None)
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x, c = block(x, positions, segment_ids, None if cache is None else cache[i], cache_index, rngs)
+      new_cache.append(c)
+    if self.ln_f is not None:
+      x = self.ln_f(x)
+    return x, (None if cache is None else new_cache)
+
+  def logits(self, x):
+    w = self.embed.value.T if self.head is None else self.head.value
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1]) @ w.astype(x.dtype)
+    return y.reshape(*lead, -1).astype(jnp.float32)
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, rngs=None):
+    x, _ = self.hidden(tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
+    return self.logits(x)
+
+  def classify(self, tokens, lengths, *, rngs=None):
+    """Class logits [B, num_classes], pooled from each row's last non-pad token.
+
+    tokens are right-padded; lengths [B] counts the real tokens of each row.
+    """
+    if not self.cfg.num_classes:
+      raise ValueError("this model has no classification head (model num_classes is 0)")
+    segment_ids = (jnp.arange(tokens.shape[1]) < lengths[:, None]).astype(jnp.int32)
+    x, _ = self.hidden(tokens, segment_ids=segment_ids, rngs=rngs)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return (last.astype(jnp.float32) @ self.cls_head.value + self.cls_bias.value)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[LayerCache]:
+    cfg = self.cfg
+    shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(cfg.num_layers)]
+
+  def decode(self, tokens, cache, cache_index, *, positions, segment_ids):
+    """Runs a chunk of tokens against the cache (prefill when T > 1, one step when T == 1).
+
+    segment_ids [B, max_len] marks valid cache slots (1) and padding (0) for the whole cache.
+    Returns fp32 logits [B, T, vocab] and the updated cache.
+    """
+    x, cache = self.hidden(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                           cache_index=cache_index)
+    return self.logits(x), cache
+
+
+def num_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (6N plus attention), as in the PaLM/nanoGPT MFU estimate."""
+  n = (cfg.num_layers * (2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.kv_heads)
+                         + cfg.d_model * cfg.ff_dim * (3 if cfg.mlp == "swiglu" else 2))
+       + cfg.vocab_size * cfg.d_model)
+  attn = 12 * cfg.num_layers * cfg.d_model * seq_len / 2  # causal: half the scores
+  return 6 * n + attn
+
+
+def abstract(cfg: ModelConfig) -> Any:
+  """The model's graph and parameter shapes, without allocating (for restore and sharding)."""
+  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))

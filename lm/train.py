@@ -1,0 +1,353 @@
+"""Training by maximum likelihood: next-token cross-entropy, AdamW, a jitted step over pure state.
+
+`train(config, workdir)` is the whole job: data -> model -> sharded state (fresh, resumed or
+initialised from another run) -> loop of jitted steps with periodic evaluation, metrics and
+checkpoints -> a final checkpoint and a few samples. The step is one `jax.jit` with in/out
+shardings (pjit) over `nnx.State`; the model is merged from it inside the trace, so no Python
+object graph is walked per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from lm import checkpoint as ckpt_lib
+from lm import data as data_lib
+from lm import sharding
+from lm import tokenizers
+from lm.errors import UsageError
+from lm.model import ModelConfig, Transformer, flops_per_token, num_params
+
+# Model fields that change parameter shapes: a resumed run must agree on all of them.
+SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "positions",
+                "mlp", "use_bias", "tie_embeddings", "max_seq_len", "norm", "num_classes")
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+  try:
+    cfg = ModelConfig.from_config(config.model, vocab_size)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if config.data.seq_len > cfg.max_seq_len:
+    raise UsageError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                     f"{cfg.max_seq_len}")
+  return cfg
+
+
+def make_optimizer(train_cfg):
+  """AdamW with linear warmup, cosine decay and global-norm clipping; no decay on norms/biases."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
+      end_value=train_cfg.learning_rate * train_cfg.min_lr_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def cross_entropy(logits, targets, weights=None):
+  """Summed next-token negative log-likelihood and the number of scored tokens."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if weights is None:
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+  return (nll * weights).sum(), weights.sum()
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the jitted functions close over: model graph, shardings, optimizer."""
+  config: object
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: object
+  shardings: nnx.State
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+  @property
+  def batch_sharding(self):
+    """[batch, ...] rows over the data-parallel mesh axes."""
+    return sharding.batch_sharding(self.mesh, self.rules)
+
+  @property
+  def micro_batch_sharding(self):
+    """[grad_accum, batch, ...]: each micro-batch split like a batch."""
+    spec = jax.sharding.PartitionSpec(None, *self.batch_sharding.spec)
+    return jax.sharding.NamedSharding(self.mesh, spec)
+
+  def abstract_state(self) -> nnx.State:
+    """Shapes, dtypes and shardings of the train state, allocating nothing."""
+    abstract = _abstract_state(self.model_cfg, self.tx)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, self.shardings)
+
+
+def _build(model_cfg: ModelConfig, tx, seed: int):
+  model = Transformer(model_cfg, nnx.Rngs(params=jax.random.key(seed)))
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def _abstract_state(model_cfg, tx):
+  return nnx.state(nnx.eval_shape(lambda: _build(model_cfg, tx, 0)))
+
+
+def make_run(config, vocab_size: int, mesh=None) -> Run:
+  model_cfg = model_config(config, vocab_size)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  tx, schedule = make_optimizer(config.train)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(model_cfg, tx, 0)))
+  return Run(config, model_cfg, mesh, rules, graphdef,
+             sharding.state_shardings(abstract, mesh, rules), tx, schedule)
+
+
+def init_state(run: Run, seed: int) -> nnx.State:
+  """Fresh parameters and optimizer state, created already sharded (never whole on one device)."""
+  init = jax.jit(lambda: nnx.state(_build(run.model_cfg, run.tx, seed)),
+                 out_shardings=run.shardings)
+  with jax.set_mesh(run.mesh):
+    return init()
+
+
+def make_train_step(run: Run):
+  """jit(step)(state, batch [accum, micro, seq_len+1], step) -> (state, metrics)."""
+  cfg = run.config
+  dropout = run.model_cfg.dropout > 0
+
+  def loss_fn(params, model_def, tokens, key):
+    model = nnx.merge(model_def, params)
+    rngs = nnx.Rngs(dropout=key) if dropout else None
+    loss_sum, count = cross_entropy(model(tokens[:, :-1], rngs=rngs), tokens[:, 1:])
+    return loss_sum / count
+
+  def step_fn(state, batch, step):
+    model, opt = nnx.merge(run.graphdef, state)
+    model_def, params = nnx.split(model)
+    base_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+    def micro(acc, xs):
+      i, tokens = xs
+      loss, grads = jax.value_and_grad(loss_fn)(params, model_def, tokens,
+                                                jax.random.fold_in(base_key, i))
+      return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    n = batch.shape[0]
+    (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(n), batch))
+    loss, grads = jax.tree.map(lambda x: x / n, (loss, grads))
+    opt.update(model, grads)
+    metrics = {"train_loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": run.schedule(step)}
+    return nnx.state((model, opt)), metrics
+
+  return jax.jit(step_fn, in_shardings=(run.shardings, run.micro_batch_sharding, None),
+                 out_shardings=(run.shardings, None), donate_argnums=0)
+
+
+def make_eval_step(run: Run):
+  """jit(eval)(state, tokens [B, seq_len+1], weights [B, seq_len]) -> (loss sum, count)."""
+
+  def eval_fn(state, tokens, weights):
+    model, _ = nnx.merge(run.graphdef, state)
+    return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], weights)
+
+  return jax.jit(eval_fn, in_shardings=(run.shardings, run.batch_sharding, run.batch_sharding))
+
+
+def put_batch(run: Run, local: np.ndarray, sharding_=None) -> jax.Array:
+  """This process's rows -> one global array sharded over the data-parallel axes."""
+  return jax.make_array_from_process_local_data(sharding_ or run.batch_sharding, local)
+
+
+def evaluate(run: Run, eval_step, state, corpus: data_lib.Corpus, batch_size: int,
+             max_batches: int | None = None) -> dict:
+  """Validation loss (nats/token), perplexity and bits per byte over (part of) the split."""
+  total, count = 0.0, 0.0
+  per = batch_size // jax.process_count()
+  lo = jax.process_index() * per
+  for tokens, weights in data_lib.eval_batches(corpus.val, seq_len=run.config.data.seq_len,
+                                               batch_size=batch_size, max_batches=max_batches):
+    s, c = eval_step(state, put_batch(run, tokens[lo:lo + per]), put_batch(run, weights[lo:lo + per]))
+    total, count = total + float(s), count + float(c)
+  loss = total / max(count, 1.0)
+  out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count)}
+  if corpus.val_bytes:
+    out["val_bpb"] = loss / math.log(2) * len(corpus.val) / corpus.val_bytes
+  return out
+
+
+class MetricsWriter:
+  """WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard events; process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: v.item() if hasattr(v, "item") else v
+                                     for k, v in metrics.items()}}
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.active:
+      self.file.close()
+      self.tb.close()
+
+
+def _check_resumable(saved: dict, config) -> None:
+  for field in SHAPE_FIELDS:
+    old, new = saved["model"].get(field), config.model.get(field)
+    if old != new:
+      raise UsageError(f"the workdir's checkpoint has model.{field}={old!r} but the config says "
+                       f"{new!r}: use a new --workdir or the old config")
+  for field in ("tokenizer", "path"):
+    old, new = saved["data"].get(field), config.data.get(field)
+    if old != new:
+      raise UsageError(f"the workdir's checkpoint was trained with data.{field}={old!r}, the "
+                       f"config says {new!r}: use a new --workdir")
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last evaluation's metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  tc = config.train
+  if tc.batch_size % (tc.grad_accum * jax.process_count()):
+    raise UsageError(f"train.batch_size={tc.batch_size} must divide evenly into grad_accum="
+                     f"{tc.grad_accum} micro-batches across {jax.process_count()} processes")
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+  latest = ckpt.latest_step()
+  tokenizer = None
+  if latest is not None:
+    meta = ckpt.read_meta(latest)
+    _check_resumable(meta["config"], config)
+    tokenizer = tokenizers.from_json(meta["tokenizer"])
+  corpus = data_lib.load_corpus(config.data, tokenizer)
+  tokenizer = corpus.tokenizer
+  run = make_run(config, tokenizer.vocab_size)
+  if jax.process_index() == 0:
+    tokenizers.save(tokenizer, workdir)
+  write_config(config, workdir)
+
+  if latest is not None:
+    state = ckpt.restore(run.abstract_state(), latest)
+    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  else:
+    state = init_state(run, config.seed)
+    if tc.init_from:
+      state = _load_params_from(run, state, tc.init_from)
+  step = int(jax.device_get(state["1"]["step"].value)) if latest is not None else 0
+  logging.info("model: %s parameters, %d devices, mesh %s",
+               f"{num_params(nnx.merge(run.graphdef, state)[0]):,}", jax.device_count(),
+               dict(run.mesh.shape))
+
+  meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_json(), "seed": config.seed}
+  train_step, eval_step = make_train_step(run), make_eval_step(run)
+  writer = MetricsWriter(workdir)
+  per_proc = tc.batch_size // jax.process_count()
+  micro = per_proc // tc.grad_accum
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  flops = flops_per_token(run.model_cfg, config.data.seq_len) * tokens_per_step
+  last_eval, t_log, steps_since_log = {}, time.time(), 0
+
+  def save(at_step):
+    ckpt.save(at_step, state, {**meta, "step": at_step})
+
+  with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh):
+    while step < tc.num_steps:
+      local = data_lib.get_batch(corpus.train, seed=config.seed, step=step,
+                                 batch_size=tc.batch_size, seq_len=config.data.seq_len,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+      batch = put_batch(run, local.reshape(tc.grad_accum, micro, -1), run.micro_batch_sharding)
+      state, metrics = train_step(state, batch, step)
+      step += 1
+      steps_since_log += 1
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        metrics = jax.device_get(metrics)
+        dt = (time.time() - t_log) / steps_since_log
+        record = {**metrics, "tokens_per_sec": tokens_per_step / dt, "step_time_ms": 1e3 * dt}
+        if jax.default_backend() == "gpu":
+          record["mfu"] = flops / dt / (989e12 * jax.device_count())
+        logging.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | %.1f ms/step", step,
+                     tc.num_steps, metrics["train_loss"], metrics["lr"],
+                     record["tokens_per_sec"], record["step_time_ms"])
+        writer.write(step, record)
+        t_log, steps_since_log = time.time(), 0
+      if step % tc.eval_every == 0 or step == tc.num_steps:
+        last_eval = evaluate(run, eval_step, state, corpus, tc.eval_batch_size, tc.eval_batches)
+        logging.info("step %d | val_loss %.4f | val_ppl %.2f | val_bpb %s", step,
+                     last_eval["val_loss"], last_eval["val_ppl"],
+                     f"{last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "n/a")
+        writer.write(step, last_eval)
+        t_log = time.time()  # keep evaluation out of the throughput numbers
+      if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+        save(step)
+        t_log = time.time()
+      if stop.requested:
+        logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", step)
+        save(step)
+        break
+  writer.close()
+  ckpt.close()
+  logging.info("done at step %d in %.1f s", step, time.time() - t_start)
+  if config.sample.num_samples and step >= tc.num_steps and jax.process_index() == 0:
+    from lm import sample as sample_lib
+    model = nnx.merge(run.graphdef, state)[0]
+    for text in sample_lib.sample_text(model, tokenizer, config.sample):
+      print(f"--- sample ---\n{text}", flush=True)
+  return {**last_eval, "step": step, "wall_time_s": time.time() - t_start}
+
+
+def _load_params_from(run: Run, state: nnx.State, source: str) -> nnx.State:
+  """Fine-tuning: model parameters from another run's checkpoint, with a fresh optimizer.
+
+  Parameters the source lacks (a new classification head) keep their fresh initialisation.
+  """
+  src, meta = ckpt_lib.read_meta(source)
+  saved = meta["config"]["model"]
+  for field in SHAPE_FIELDS:
+    if field != "num_classes" and saved.get(field) != run.config.model.get(field):
+      raise UsageError(f"train.init_from={source}: its model.{field}={saved.get(field)!r} "
+                       f"differs from this config's {run.config.model.get(field)!r}")
+  src_cfg = dataclasses.replace(run.model_cfg, num_classes=saved.get("num_classes", 0))
+  abstract = _abstract_state(src_cfg, run.tx)
+  shardings = sharding.state_shardings(abstract, run.mesh, run.rules)
+  src_state = src.restore(jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+  src.close()
+  loaded = dict(nnx.to_flat_state(src_state["0"]))
+  flat = [(path, loaded.get(path, var)) for path, var in nnx.to_flat_state(state["0"])]
+  state["0"] = nnx.from_flat_state(flat)
+  return state
