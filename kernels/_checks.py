@@ -1,0 +1,85 @@
+"""Argument validation shared by every attention implementation in kernels/."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_attention_args(q, k, v, segment_ids, softmax_scale, *, name: str,
+                         check_head_dim: bool = True):
+    """Validate shapes/dtypes; returns (q_seg, kv_seg, scale) with segs int32 or None.
+
+    q: [batch, q_len, num_heads, head_dim]; k, v: [batch, kv_len, num_kv_heads,
+    head_dim]; segment_ids: None, [batch, q_len] ints (self-attention, needs
+    q_len == kv_len) or a pair (q_segment_ids [batch, q_len], kv_segment_ids
+    [batch, kv_len]).
+    """
+    for arg_name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(
+                f"{name}: {arg_name} must have shape [batch, seq_len, heads, head_dim], "
+                f"got shape {getattr(x, 'shape', None)}.")
+        if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+            raise ValueError(
+                f"{name}: {arg_name} has dtype {x.dtype}; supported dtypes are float32, "
+                f"bfloat16 and float16.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"{name}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    b, tq, h, d = q.shape
+    bk, tk, kvh, dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v must have the same shape, got {k.shape} and {v.shape}.")
+    if bk != b:
+        raise ValueError(f"{name}: q has batch {b} but k/v have batch {bk}.")
+    if dk != d:
+        raise ValueError(f"{name}: q has head_dim {d} but k/v have head_dim {dk}.")
+    if check_head_dim and d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"{name}: head_dim {d} is not supported; use one of {SUPPORTED_HEAD_DIMS}.")
+    if kvh < 1 or h % kvh != 0:
+        raise ValueError(
+            f"{name}: num_kv_heads {kvh} must divide num_heads {h} (GQA/MQA).")
+    if min(b, tq, tk, h) < 1:
+        raise ValueError(f"{name}: empty input, q shape {q.shape}, k shape {k.shape}.")
+
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                raise ValueError(
+                    f"{name}: segment_ids must be an array or a pair (q_segment_ids, "
+                    f"kv_segment_ids), got a sequence of length {len(segment_ids)}.")
+            q_seg, kv_seg = segment_ids
+        else:
+            if tq != tk:
+                raise ValueError(
+                    f"{name}: a single segment_ids array needs q_len == kv_len (got {tq} and "
+                    f"{tk}); pass a pair (q_segment_ids, kv_segment_ids) instead.")
+            q_seg = kv_seg = segment_ids
+        for arg_name, s, t in (("q_segment_ids", q_seg, tq), ("kv_segment_ids", kv_seg, tk)):
+            shape = getattr(s, "shape", None)
+            if shape != (b, t):
+                raise ValueError(f"{name}: {arg_name} must have shape {(b, t)}, got {shape}.")
+            if not jnp.issubdtype(s.dtype, jnp.integer):
+                raise ValueError(f"{name}: {arg_name} must be integers, got dtype {s.dtype}.")
+        q_seg = jnp.asarray(q_seg, jnp.int32)
+        kv_seg = jnp.asarray(kv_seg, jnp.int32)
+
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    else:
+        try:
+            softmax_scale = float(softmax_scale)
+        except TypeError as e:  # traced values cannot be baked into a kernel
+            raise ValueError(
+                f"{name}: softmax_scale must be a Python float, got {type(softmax_scale)}.") from e
+        if not np.isfinite(softmax_scale):
+            raise ValueError(f"{name}: softmax_scale must be finite, got {softmax_scale}.")
+    return q_seg, kv_seg, softmax_scale

@@ -1,0 +1,368 @@
+"""Call a ``@triton.jit`` kernel from JAX, on GPU or on CPU.
+
+One entry point, :func:`triton_call`:
+
+* GPU backend: an XLA custom call built by ``jax_triton.triton_call``
+  (imported lazily, only here; installed by the ``gpu`` extra).
+* any other backend (CPU): the *same kernel source* executed by Triton's
+  interpreter inside ``jax.pure_callback`` over numpy buffers.  The
+  interpreter expects torch-like tensors (``data_ptr``, ``untyped_storage``,
+  ``new_empty``, ``set_``, ``copy_``...); :class:`_NumpyTensor` provides that
+  protocol on top of numpy, so torch is never imported.
+
+The interpreter is selected per call (no ``TRITON_INTERPRET`` needed before
+import): we build a ``triton.runtime.interpreter.InterpretedFunction`` from the
+kernel's Python function, with a private copy of its globals in which the
+``@triton.jit`` helpers it calls are interpreted as well.  The module's
+``JITFunction`` objects are untouched, so GPU compilation and interpretation
+can coexist in one process.
+
+Calling convention (same on both paths, mirrors jax-triton): the kernel's
+parameters are, in order, the positional ``args`` (arrays become pointers,
+Python scalars become scalar arguments), then one pointer per output in
+``out_shape``, then the ``constexpr`` keyword arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+import types
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+__all__ = ["triton_call", "on_gpu", "use_interpreter"]
+
+
+def on_gpu() -> bool:
+    """True when JAX's default backend is a GPU (CUDA or ROCm)."""
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def use_interpreter() -> bool:
+    """True when kernels run in Triton's interpreter (every non-GPU backend)."""
+    return not on_gpu()
+
+
+# --------------------------------------------------------------------------
+# numpy adapter for the interpreter's tensor protocol
+# --------------------------------------------------------------------------
+
+
+class _NumpyStorage:
+    """Untyped storage view: the interpreter only needs identity and copy."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def data_ptr(self) -> int:
+        return self.array.__array_interface__["data"][0]
+
+    def cpu(self) -> "_NumpyStorage":
+        return self  # already host memory: no copy
+
+    def copy_(self, other: "_NumpyStorage") -> None:
+        if other.data_ptr() != self.data_ptr():
+            np.copyto(self.array, other.array)
+
+
+class _NumpyTensor:
+    """The subset of the torch.Tensor protocol read by Triton's interpreter."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    @property
+    def dtype(self) -> str:
+        # Triton's type mangler accepts names such as "float32" / "bfloat16".
+        return self.array.dtype.name
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def data_ptr(self) -> int:
+        return self.array.__array_interface__["data"][0]
+
+    def untyped_storage(self) -> _NumpyStorage:
+        return _NumpyStorage(self.array)
+
+    def new_empty(self, *size, device=None, dtype=None) -> "_NumpyTensor":
+        del device, dtype
+        if len(size) == 1 and isinstance(size[0], (tuple, list)):
+            size = tuple(size[0])
+        return _NumpyTensor(np.empty(size, dtype=self.array.dtype))
+
+    def set_(self, storage: _NumpyStorage, offset: int, size, stride) -> "_NumpyTensor":
+        base = storage.array
+        itemsize = base.dtype.itemsize
+        self.array = np.lib.stride_tricks.as_strided(
+            base.reshape(-1)[offset:], shape=tuple(size),
+            strides=tuple(s * itemsize for s in stride))
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self, dim: int | None = None):
+        return self.array.shape if dim is None else self.array.shape[dim]
+
+    def stride(self, dim: int | None = None):
+        st = tuple(s // self.array.dtype.itemsize for s in self.array.strides)
+        return st if dim is None else st[dim]
+
+    def dim(self) -> int:
+        return self.array.ndim
+
+    def numel(self) -> int:
+        return self.array.size
+
+    def element_size(self) -> int:
+        return self.array.dtype.itemsize
+
+    def is_contiguous(self) -> bool:
+        return self.array.flags["C_CONTIGUOUS"]
+
+    def cpu(self) -> "_NumpyTensor":
+        return self
+
+    def copy_(self, other: "_NumpyTensor") -> "_NumpyTensor":
+        if other.data_ptr() != self.data_ptr():
+            np.copyto(self.array, other.array)
+        return self
+
+
+# --------------------------------------------------------------------------
+# interpreter path
+# --------------------------------------------------------------------------
+
+_PATCHED_INDEX = False
+
+
+def _patch_interpreter_index() -> None:
+    """Make ``range(tensor_bound)`` work in every Triton interpreter version.
+
+    In the interpreter runtime scalars (``tl.program_id``, scalar kernel
+    arguments) are one-element numpy arrays.  Older interpreters (e.g. Triton
+    3.6) implement ``tensor.__index__`` as ``int(array)``, which NumPy >= 2.4
+    rejects for 1-d arrays.  Our kernels use such loop bounds, so we install an
+    ``__index__`` that reads the single element (what Triton 3.9 does anyway).
+    Only the interpreter's per-call language patch is wrapped; compiled GPU
+    kernels are unaffected.
+    """
+    global _PATCHED_INDEX
+    if _PATCHED_INDEX:
+        return
+    from triton.runtime import interpreter as _interp
+
+    original = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__",
+                       lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+    _PATCHED_INDEX = True
+
+
+def _python_fn(kernel: Any) -> Callable:
+    """The plain Python function behind a JITFunction / Autotuner / Heuristics."""
+    fn = kernel
+    while not isinstance(fn, types.FunctionType):
+        inner = getattr(fn, "fn", None)
+        if inner is None:
+            raise TypeError(f"cannot find the Python function of kernel {kernel!r}")
+        fn = inner
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted(fn: types.FunctionType):
+    """An InterpretedFunction for ``fn`` whose @triton.jit helpers are interpreted too."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    new_globals = dict(fn.__globals__)
+    clone = types.FunctionType(fn.__code__, new_globals, fn.__name__,
+                               fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    clone.__annotations__ = dict(fn.__annotations__)
+    clone.__module__ = fn.__module__
+    clone.__qualname__ = fn.__qualname__
+    for name in fn.__code__.co_names:
+        value = fn.__globals__.get(name)
+        if isinstance(value, JITFunction):
+            new_globals[name] = _interpreted(_python_fn(value))
+    return InterpretedFunction(clone)
+
+
+# Triton's interpreter keeps global state (grid indices, language patches), so
+# interpreted launches are serialised even if XLA runs callbacks concurrently.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _interpreted_language():
+    """Temporarily interpret triton.language's own @triton.jit helpers.
+
+    ``tl.max``, ``tl.sum``, ``tl.cdiv``, ``tl.zeros`` ... are JITFunctions
+    defined in ``triton.language.standard``.  With ``TRITON_INTERPRET`` unset at
+    import time they refuse to be called outside a compiled kernel, so for the
+    duration of an interpreted launch we swap them (in place, so that the
+    interpreter's identity checks such as ``combine_fn is
+    tl.standard._sum_combine`` keep working) for InterpretedFunctions.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    _warm_lazy_imports()
+    modules = {id(m): m for m in (tl, getattr(tl, "standard", None), getattr(tl, "random", None),
+                                  getattr(tl, "math", None)) if m is not None}
+    saved = []
+    for mod in modules.values():
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction):
+                saved.append((mod, name, value))
+                setattr(mod, name, _library_interpreted(value.fn, InterpretedFunction))
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+_LIBRARY_CACHE: dict = {}
+_WARMED = False
+
+
+def _warm_lazy_imports() -> None:
+    """Trigger Triton's lazy imports (e.g. gluon, imported by the type mangler)
+    while triton.language is unpatched: some of them assert on its JITFunctions."""
+    global _WARMED
+    if _WARMED:
+        return
+    from triton.runtime.jit import mangle_type
+    for probe in (_NumpyTensor(np.zeros(1, np.float32)), 1, 1.0, True):
+        mangle_type(probe)
+    _WARMED = True
+
+
+def _library_interpreted(fn, factory):
+    if fn not in _LIBRARY_CACHE:
+        _LIBRARY_CACHE[fn] = factory(fn)
+    return _LIBRARY_CACHE[fn]
+
+
+def _poison(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        return np.full(shape, np.iinfo(dtype).min // 2 if np.iinfo(dtype).min < 0 else 0,
+                       dtype=dtype)
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+def _run_interpreted(kernel, spec, grid, constexprs, out_shapes, *arrays):
+    _patch_interpreter_index()
+    fn = _interpreted(_python_fn(kernel))
+    arrays = iter(arrays)
+    call_args = []
+    keep = []
+    for kind, value in spec:
+        if kind == "array":
+            arr = np.ascontiguousarray(next(arrays))
+            keep.append(arr)
+            call_args.append(_NumpyTensor(arr))
+        else:
+            call_args.append(value)
+    # Outputs are poisoned (NaN / huge negative ints) so that an element the
+    # kernel forgets to write is visible instead of silently zero.
+    outs = [_poison(s.shape, s.dtype) for s in out_shapes]
+    call_args.extend(_NumpyTensor(o) for o in outs)
+    with _INTERPRETER_LOCK, _interpreted_language():
+        fn.run(*call_args, grid=grid, warmup=False, **constexprs)
+    return tuple(outs)
+
+
+def _normalize_grid(grid, meta) -> tuple:
+    if callable(grid):
+        grid = grid(meta)
+    if isinstance(grid, int):
+        grid = (grid,)
+    grid = tuple(int(g) for g in grid)
+    if not 1 <= len(grid) <= 3:
+        raise ValueError(f"grid must have 1 to 3 dimensions, got {grid}.")
+    return grid
+
+
+# --------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval")
+
+
+def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
+                num_stages: int | None = None, interpret: bool | None = None,
+                **constexprs):
+    """Run ``kernel`` on JAX arrays; returns a tuple of outputs.
+
+    Args:
+      kernel: a ``@triton.jit`` function (or a ``triton.autotune`` wrapper of
+        one; on the interpreter the wrapper is bypassed and the constexprs
+        given here must be complete).
+      *args: arrays and Python scalars, in kernel-parameter order.
+      out_shape: a ``jax.ShapeDtypeStruct`` or a sequence of them; one pointer
+        per output follows ``args`` in the kernel signature.
+      grid: tuple of up to 3 ints, or a callable taking the metaparameter dict.
+      num_warps, num_stages: GPU launch options (ignored by the interpreter).
+      interpret: force (True) or forbid (False) the interpreter; default: use
+        it unless the default backend is a GPU.
+      **constexprs: ``tl.constexpr`` keyword arguments.
+    """
+    single = not isinstance(out_shape, (list, tuple))
+    out_shapes = [out_shape] if single else list(out_shape)
+    if interpret is None:
+        interpret = use_interpreter()
+
+    if not interpret:
+        import jax_triton as jt  # lazy: GPU-only dependency
+
+        params = inspect.signature(jt.triton_call).parameters
+        out_kw = "out_type" if "out_type" in params else "out_shape"
+        launch = {}
+        if num_warps is not None:
+            launch["num_warps"] = num_warps
+        if num_stages is not None:
+            launch["num_stages"] = num_stages
+        outs = jt.triton_call(*args, kernel=kernel, grid=grid,
+                              **{out_kw: out_shapes}, **launch, **constexprs)
+        if not isinstance(outs, (list, tuple)):
+            outs = (outs,)
+        return tuple(outs)
+
+    spec = []
+    arrays = []
+    for a in args:
+        if _is_array(a):
+            spec.append(("array", None))
+            arrays.append(a)
+        else:
+            spec.append(("static", a))
+    grid_t = _normalize_grid(grid, dict(constexprs))
+    result_shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
+    callback = functools.partial(_run_interpreted, kernel, tuple(spec), grid_t,
+                                 dict(constexprs), result_shapes)
+    outs = jax.pure_callback(callback, result_shapes, *arrays, vmap_method="sequential")
+    return tuple(outs)
