@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm import attention as attention_lib
+from lm import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,9 @@ ones = nnx.initializers.ones_init()
 def dense(x, w, b=None):
   """x[..., in] @ w[in, *out] as one 2-D matmul (faster than a batched one, notably on CPU)."""
   lead, out = x.shape[:-1], w.shape[1:]
-  y = x.reshape(-1, x.shape[-1]) @ w.value.reshape(w.shape[0], -1).astype(x.dtype)
+  y = x.reshape(-1, x.shape[-1]) @ w[...].reshape(w.shape[0], -1).astype(x.dtype)
   y = y.reshape(*lead, *out)
-  return y if b is None else y + b.value.astype(x.dtype)
+  return y if b is None else y + b[...].astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -111,7 +112,7 @@ class LayerNorm(nnx.Module):
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
     return y.astype(x.dtype)
 
 
@@ -249,12 +250,14 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t) + cache_index, (b, t))
-    x = jnp.take(self.embed.value, tokens, axis=0)
+    x = jnp.take(self.embed[...], tokens, axis=0)
     if self.pos_embed is not None:
-      x = x + jnp.take(self.pos_embed.value, positions, axis=0)
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0)
     x = self.dropout(x.astype(cfg.compute_dtype), rngs=rngs, deterministic=rngs is None)
     new_cache = []
     for i, block in enumerate(self.blocks):
+      # Residual stream split over batch only (no-op without a mesh): weights are gathered.
+      x = sharding.constrain(x, ("batch", None, None))
       x, c = block(x, positions, segment_ids, None if cache is None else cache[i], cache_index, rngs)
       new_cache.append(c)
     if self.ln_f is not None:
@@ -262,7 +265,7 @@ class Transformer(nnx.Module):
     return x, (None if cache is None else new_cache)
 
   def logits(self, x):
-    w = self.embed.value.T if self.head is None else self.head.value
+    w = self.embed[...].T if self.head is None else self.head[...]
     lead = x.shape[:-1]
     y = x.reshape(-1, x.shape[-1]) @ w.astype(x.dtype)
     return y.reshape(*lead, -1).astype(jnp.float32)
@@ -281,7 +284,7 @@ class Transformer(nnx.Module):
     segment_ids = (jnp.arange(tokens.shape[1]) < lengths[:, None]).astype(jnp.int32)
     x, _ = self.hidden(tokens, segment_ids=segment_ids, rngs=rngs)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return (last.astype(jnp.float32) @ self.cls_head.value + self.cls_bias.value)
+    return (last.astype(jnp.float32) @ self.cls_head[...] + self.cls_bias[...])
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[LayerCache]:
     cfg = self.cfg

@@ -155,7 +155,8 @@ def make_train_step(run: Run):
                "lr": run.schedule(step)}
     return nnx.state((model, opt)), metrics
 
-  return jax.jit(step_fn, in_shardings=(run.shardings, run.micro_batch_sharding, None),
+  return jax.jit(sharding.with_rules(step_fn, run.rules),
+                 in_shardings=(run.shardings, run.micro_batch_sharding, None),
                  out_shardings=(run.shardings, None), donate_argnums=0)
 
 
@@ -166,7 +167,8 @@ def make_eval_step(run: Run):
     model, _ = nnx.merge(run.graphdef, state)
     return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], weights)
 
-  return jax.jit(eval_fn, in_shardings=(run.shardings, run.batch_sharding, run.batch_sharding))
+  return jax.jit(sharding.with_rules(eval_fn, run.rules),
+                 in_shardings=(run.shardings, run.batch_sharding, run.batch_sharding))
 
 
 def put_batch(run: Run, local: np.ndarray, sharding_=None) -> jax.Array:
@@ -267,7 +269,7 @@ def train(config, workdir: str) -> dict:
     state = init_state(run, config.seed)
     if tc.init_from:
       state = _load_params_from(run, state, tc.init_from)
-  step = int(jax.device_get(state["1"]["step"].value)) if latest is not None else 0
+  step = latest or 0
   logging.info("model: %s parameters, %d devices, mesh %s",
                f"{num_params(nnx.merge(run.graphdef, state)[0]):,}", jax.device_count(),
                dict(run.mesh.shape))
@@ -347,7 +349,7 @@ def _load_params_from(run: Run, state: nnx.State, source: str) -> nnx.State:
   src_state = src.restore(jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
   src.close()
-  loaded = dict(nnx.to_flat_state(src_state["0"]))
-  flat = [(path, loaded.get(path, var)) for path, var in nnx.to_flat_state(state["0"])]
-  state["0"] = nnx.from_flat_state(flat)
+  loaded = dict(nnx.to_flat_state(src_state[0]))
+  flat = [(path, loaded.get(path, var)) for path, var in nnx.to_flat_state(state[0])]
+  state[0] = nnx.from_flat_state(flat)
   return state

@@ -1,0 +1,50 @@
+"""Shared test set-up: CPU JAX, the repo on sys.path, a tiny config factory."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """experiments/base.py shrunk to a model that trains in seconds; overrides as 'a.b': value."""
+  from experiments import base
+  config = base.get_config()
+  config.model.num_layers = 2
+  config.model.d_model = 32
+  config.model.num_heads = 4
+  config.model.max_seq_len = 64
+  config.data.seq_len = 32
+  config.train.num_steps = 20
+  config.train.batch_size = 8
+  config.train.warmup_steps = 2
+  config.train.log_every = 5
+  config.train.eval_every = 10
+  config.train.eval_batches = 2
+  config.train.eval_batch_size = 8
+  config.train.checkpoint_every = 10
+  config.sample.num_samples = 0
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config
+
+
+def run_cli(*args, timeout=600, env=None):
+  """Runs experiments/run.py in a subprocess; returns the CompletedProcess."""
+  import subprocess
+  full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"), *args],
+                        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
