@@ -14,6 +14,7 @@ cluster's environment (SLURM, ...) when those are absent and it is a cluster job
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,10 +47,29 @@ def fail(message: str) -> None:
 
 def parse_flags(argv):
   """absl's parser, but a bad flag or config override is one line on stderr, not a dump."""
+  for arg in argv[1:]:  # ml_collections would defer a missing file's error to first use
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        fail(f"config file {path} not found")
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
+  except Exception as e:  # absl's flags.Error; ml_collections raises KeyError/AttributeError too
+    while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...))
+      e = e.args[0]
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    lines = [l.strip() for l in message.splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines):
+      lines = lines[-1:]  # a config file's own exception: keep its message
+    text = " ".join(lines)
+    if isinstance(e, (KeyError, AttributeError)):
+      overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+      key = re.search(r"(\w+)", text).group(1)
+      bad = next((a for a in overrides if f".{key}" in a), "--config")
+      hint = re.search(r'Did you mean "(\w+)"', text)
+      text = f"{bad}: unknown config key {key!r}" + (
+          f" (did you mean {hint.group(1)!r}?)" if hint else "")
+    fail(text)
 
 
 def init_distributed() -> None:
@@ -81,6 +101,9 @@ def main(argv):
   from lm.errors import UsageError
   try:
     init_distributed()
+    import jax
+    if jax.process_index() != 0:  # one log per job: other processes report warnings only
+      logging.set_verbosity(logging.WARNING)
     from lm import evaluate
     config = FLAGS.config
     sample_overrides = {k: getattr(FLAGS, k) for k in

@@ -195,7 +195,10 @@ def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Corp
       tokenizer = make_tokenizer(data_cfg, [])
     corpus = _load_token_file(data_cfg, tokenizer)
   else:
-    train_texts, val_texts = split_documents(documents(data_cfg), data_cfg.val_fraction)
+    docs = documents(data_cfg)
+    if not any(t.strip() for _, t in docs):
+      raise UsageError(f"the corpus is empty: {data_cfg.path or 'the embedded plays'} holds no text")
+    train_texts, val_texts = split_documents(docs, data_cfg.val_fraction)
     tokenizer = tokenizer or make_tokenizer(data_cfg, train_texts)
     corpus = Corpus(_encode(tokenizer, train_texts), _encode(tokenizer, val_texts), tokenizer,
                     len("\n\n".join(val_texts).encode("utf-8")))

@@ -1,0 +1,87 @@
+"""experiments/run.py as a user runs it: the main job, and one clear line for each bad input."""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = ["--config=experiments/base.py", "--config.model.num_layers=1", "--config.model.d_model=32",
+        "--config.data.seq_len=32", "--config.train.num_steps=2", "--config.train.batch_size=4",
+        "--config.train.eval_batches=1", "--config.sample.num_samples=0"]
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode != 0
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+  for f in fragments:
+    assert f in lines[-1], lines[-1]
+  return lines[-1]
+
+
+@pytest.mark.slow
+def test_main_job_trains_checkpoints_logs_and_samples(tmp_path):
+  workdir = tmp_path / "base"
+  proc = run_cli("--config=experiments/base.py:smoke", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "--- sample ---" in proc.stdout
+  assert (workdir / "checkpoints" / "30").is_dir()
+  assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 30
+  assert (workdir / "tokenizer.json").is_file() and any((workdir / "tensorboard").iterdir())
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if "train_loss" in r]
+  assert all({"step", "train_loss", "tokens_per_sec"} <= r.keys() for r in train)
+  assert train[-1]["train_loss"] < train[0]["train_loss"] - 0.5  # it learned something
+  val = [r for r in records if "val_loss" in r]
+  assert val and {"val_ppl", "val_bpb"} <= val[-1].keys()
+  # eval and sample modes on the same workdir
+  proc = run_cli("--config=experiments/base.py:smoke", f"--workdir={workdir}", "--mode=eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["val_tokens"] > 100_000 and result["val_loss"] < 5
+  proc = run_cli("--config=experiments/base.py:smoke", f"--workdir={workdir}", "--mode=sample",
+                 "--prompt=ROMEO:", "--num_samples=3", "--max_new_tokens=20")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("--- sample ---\nROMEO:") == 3
+
+
+def test_unknown_config_key(tmp_path):
+  proc = run_cli(*TINY, "--config.model.num_layer=3", f"--workdir={tmp_path}")
+  assert_one_line_error(proc, "num_layer")
+
+
+def test_wrong_value_type(tmp_path):
+  proc = run_cli(*TINY, "--config.train.num_steps=many", f"--workdir={tmp_path}")
+  assert_one_line_error(proc, "num_steps")
+
+
+def test_seq_len_above_the_models_maximum(tmp_path):
+  proc = run_cli(*TINY, "--config.data.seq_len=512", f"--workdir={tmp_path}")
+  assert_one_line_error(proc, "seq_len=512", "max_seq_len=256")
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("missing.txt", None, "matches no file"),
+    ("empty.txt", b"", "corpus is empty"),
+    ("latin1.txt", "café au lait ".encode("latin-1") * 100, "not valid UTF-8"),
+])
+def test_bad_data(tmp_path, name, content, fragment):
+  path = tmp_path / name
+  if content is not None:
+    path.write_bytes(content)
+  proc = run_cli(*TINY, f"--config.data.path={path}", f"--workdir={tmp_path / 'w'}")
+  assert_one_line_error(proc, fragment, name)
+  assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_resuming_with_a_different_model_shape_fails_and_keeps_the_checkpoint(tmp_path):
+  assert run_cli(*TINY, f"--workdir={tmp_path}").returncode == 0
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  proc = run_cli(*TINY, "--config.model.d_model=64", f"--workdir={tmp_path}")
+  assert_one_line_error(proc, "d_model=32", "64")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert run_cli(*TINY, "--config.train.num_steps=3", f"--workdir={tmp_path}").returncode == 0
