@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lm import sharding
+
 IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")
 _MASK_VALUE = -1e30  # finite, so a fully masked row gives zeros rather than NaN
 
@@ -42,7 +44,8 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
                                         implementation="cudnn")
   import kernels  # imported lazily: the xla path never needs Triton
   fn = kernels.flash_attention if impl == "triton" else kernels.fused_softmax_attention
-  return fn(q, k, v, causal=causal, segment_ids=segment_ids)
+  # A custom call cannot partition itself: under a mesh, shard_map it over batch and heads.
+  return sharding.shard_heads(fn, q, k, v, causal=causal, segment_ids=segment_ids)
 
 
 def _scores(q, k):

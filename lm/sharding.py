@@ -4,10 +4,21 @@ The model names its axes ("vocab", "embed", "heads", "kv_heads", "head_dim", "ml
 the config maps them to the mesh axes ("data", "fsdp", "tensor") with a short list of rules.
 One rule list covers data parallel, FSDP and tensor parallel at once: an axis of size 1 in
 the mesh simply shards nothing, so choosing a strategy is choosing `config.mesh` sizes.
+RULE_SETS names narrower lists (pure DP, FSDP only, TP only) for when a mesh axis should be
+used for the batch alone.
+
+Inside a jitted function traced under `jax.set_mesh(mesh)`:
+  constrain(x, ("batch", None, None))   a sharding constraint by logical names
+  shard_heads(kernel, q, k, v, ...)     runs an attention kernel that cannot partition itself
+                                        (the Triton custom call) per device, under shard_map
+Both do nothing special without a mesh or on one device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 
 import jax
@@ -28,6 +39,44 @@ DEFAULT_RULES = (
     ("heads_merged", "tensor"),
     ("mlp", "tensor"),
 )
+
+# Named presets. "batch" always spans data and fsdp (a size-1 axis adds nothing).
+_BATCH = (("batch", ("data", "fsdp")),)
+_TP = (("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+       ("heads_merged", "tensor"), ("mlp", "tensor"))
+RULE_SETS = {
+    "dp": _BATCH,  # every parameter replicated
+    "fsdp": _BATCH + (("embed", "fsdp"),),  # ZeRO-3: params and moments split on d_model
+    "tp": _BATCH + _TP,  # Megatron: heads and MLP hidden split, vocab split
+    "fsdp_tp": DEFAULT_RULES,
+}
+
+_RULES = contextvars.ContextVar("lm_axis_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def axis_rules(rules):
+  """Rules used by `constrain` and `shard_heads` while tracing (default: DEFAULT_RULES)."""
+  token = _RULES.set(tuple(tuple(r) for r in rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> tuple:
+  return _RULES.get()
+
+
+def with_rules(fn, rules):
+  """`fn` traced under `axis_rules(rules)` (wrap a function before jax.jit)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with axis_rules(rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
@@ -61,9 +110,16 @@ def logical_to_spec(axes, rules) -> P:
   return P(*spec)
 
 
-def _spec_of(x: nnx.Variable, rules) -> P:
+def _spec_of(x: nnx.Variable, rules, mesh=None) -> P:
   axes = x.get_metadata().get("out_sharding")
-  return logical_to_spec(axes, rules) if axes else P()
+  if not axes:
+    return P()
+  spec = logical_to_spec(axes, rules)
+  if mesh is None:
+    return spec
+  # A dimension its mesh axes do not divide (e.g. a 65-character vocab over tensor=2) stays
+  # whole rather than failing: jit needs shardings that divide evenly.
+  return P(*(_fit(e, d, mesh) for e, d in zip(spec, x.value.shape)))
 
 
 def state_shardings(state: nnx.State, mesh, rules) -> nnx.State:
@@ -72,10 +128,82 @@ def state_shardings(state: nnx.State, mesh, rules) -> nnx.State:
   Optimizer moments inherit their parameter's names, so they shard the same way (ZeRO-3
   when "embed" maps to "fsdp").
   """
-  return jax.tree.map(lambda x: x.replace(NamedSharding(mesh, _spec_of(x, rules))), state,
+  return jax.tree.map(lambda x: x.replace(NamedSharding(mesh, _spec_of(x, rules, mesh))), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, ...] array: rows split over the data-parallel axes."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def _active_mesh():
+  """The mesh set with `jax.set_mesh`, or None when there is none or it has one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  return mesh
+
+
+def _mesh_axes(entry, mesh) -> tuple:
+  """A PartitionSpec entry as a tuple of the mesh's axis names (unknown names dropped)."""
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return tuple(n for n in names if n in mesh.axis_names)
+
+
+def _fit(entry, dim: int, mesh):
+  """Keeps the leading mesh axes of `entry` whose product divides `dim` (else replicates)."""
+  kept, size = [], 1
+  for name in _mesh_axes(entry, mesh):
+    if dim % (size * mesh.shape[name]):
+      break
+    kept.append(name)
+    size *= mesh.shape[name]
+  return tuple(kept) or None
+
+
+def constrain(x, axes):
+  """with_sharding_constraint by logical axis names under the current mesh; a no-op without
+  one. A mesh axis that does not divide its dimension is dropped (e.g. batch 1 when sampling)."""
+  mesh = _active_mesh()
+  if mesh is None:
+    return x
+  spec = logical_to_spec(axes, current_rules())
+  return jax.lax.with_sharding_constraint(
+      x, P(*(_fit(e, d, mesh) for e, d in zip(spec, x.shape))))
+
+
+def shard_heads(kernel, q, k, v, *, segment_ids=None, **kwargs):
+  """`kernel(q, k, v, segment_ids=..., **kwargs)` run by every device on its own shard.
+
+  A Triton custom call (or the interpreter's pure_callback) cannot be partitioned by XLA,
+  which would all-gather q, k, v and run it whole everywhere. Attention is independent per
+  (batch row, head), so shard_map splits batch over the mesh axes of "batch" and heads (query
+  and key/value alike) over those of "heads" and calls the kernel on the local blocks.
+  q [B, T, H, D], k/v [B, S, KVH, D], segment_ids None, [B, T] or a pair ([B, T], [B, S]).
+  """
+  mesh = _active_mesh()
+  if mesh is None:
+    return kernel(q, k, v, segment_ids=segment_ids, **kwargs)
+  rules = current_rules()
+  batch = _fit(logical_to_spec(("batch",), rules)[0], q.shape[0], mesh)
+  heads = _mesh_axes(logical_to_spec(("heads",), rules)[0], mesh)
+  n = math.prod(mesh.shape[a] for a in heads)
+  if q.shape[2] % n or k.shape[2] % n:
+    raise ValueError(
+        f"attention: {q.shape[2]} query heads and {k.shape[2]} key/value heads must both be "
+        f"divisible by the {'*'.join(heads)} mesh size {n} that splits heads; change "
+        f"model.num_heads/num_kv_heads or config.mesh.tensor")
+  heads = heads or None
+  qkv = P(batch, None, heads, None)
+  seg = P(batch, None)
+  if segment_ids is None:
+    fn = lambda q, k, v: kernel(q, k, v, segment_ids=None, **kwargs)
+    args, specs = (q, k, v), (qkv, qkv, qkv)
+  elif isinstance(segment_ids, (tuple, list)):
+    fn = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=(qs, ks), **kwargs)
+    args, specs = (q, k, v, *segment_ids), (qkv, qkv, qkv, seg, seg)
+  else:
+    fn = lambda q, k, v, s: kernel(q, k, v, segment_ids=s, **kwargs)
+    args, specs = (q, k, v, segment_ids), (qkv, qkv, qkv, seg)
+  return jax.shard_map(fn, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
