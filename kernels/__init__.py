@@ -1,13 +1,30 @@
-"""Attention kernels in Triton, callable from JAX (GPU via jax-triton, CPU via
-Triton's interpreter).  Knows nothing about the model code in lm/.
+"""Attention kernels in Triton, callable from JAX.
 
-Public API:
-  flash_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None)
-  fused_softmax_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None)
-  reference_attention(...)  -- plain jnp oracle with the same semantics
+GPU: XLA custom calls through jax-triton.  CPU: the same kernel source run by
+Triton's interpreter inside ``jax.pure_callback`` (see ``kernels/bridge.py``).
+This package knows nothing about the model code.
+
+Public API (q ``[batch, q_len, num_heads, head_dim]``, k/v ``[batch, kv_len,
+num_kv_heads, head_dim]``, result ``[batch, q_len, num_heads, head_dim]`` in
+q's dtype):
+
+* ``flash_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None)``
+* ``fused_softmax_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None)``
+* ``reference_attention(...)``: plain jnp oracle with the same semantics.
+
+All three are differentiable and work under ``jax.jit``, ``jax.grad``,
+``jax.checkpoint`` and ``jax.vmap``.
 """
 
+from kernels._checks import SUPPORTED_HEAD_DIMS
 from kernels.flash import flash_attention
 from kernels.reference import attention as reference_attention
+from kernels.softmax import fused_softmax_attention, masked_softmax
 
-__all__ = ["flash_attention", "reference_attention"]
+__all__ = [
+    "SUPPORTED_HEAD_DIMS",
+    "flash_attention",
+    "fused_softmax_attention",
+    "masked_softmax",
+    "reference_attention",
+]

@@ -201,8 +201,18 @@ def _interpreted(fn: types.FunctionType):
     for name in fn.__code__.co_names:
         value = fn.__globals__.get(name)
         if isinstance(value, JITFunction):
-            new_globals[name] = _interpreted(_python_fn(value))
+            new_globals[name] = _helper(_python_fn(value))
     return InterpretedFunction(clone)
+
+
+@functools.lru_cache(maxsize=None)
+def _helper(fn: types.FunctionType) -> "_PatchedHelper":
+    """The one interpreted stand-in for the @triton.jit helper ``fn``.
+
+    Canonical (cached) so that identity checks made by the interpreter, e.g.
+    ``combine_fn is tl.standard._sum_combine`` (fast numpy reductions), hold.
+    """
+    return _PatchedHelper(_interpreted(fn))
 
 
 # Triton's interpreter keeps global state (grid indices, language patches), so
@@ -210,38 +220,138 @@ def _interpreted(fn: types.FunctionType):
 _INTERPRETER_LOCK = threading.RLock()
 
 
+class _PatchedHelper:
+    """A @triton.jit helper called from an interpreted kernel.
+
+    Upstream's ``InterpretedFunction.__call__`` re-patches the whole language on
+    every helper call (and never undoes it); that costs ~25% of the runtime of
+    our kernels.  We patch once per launch (see :func:`_interpreted_language`)
+    and call the AST-rewritten helper directly.
+    """
+
+    def __init__(self, interpreted):
+        self._interpreted = interpreted
+        self.fn = interpreted.fn
+
+    @property
+    def __name__(self):
+        return self.fn.__name__
+
+    def __call__(self, *args, **kwargs):
+        from triton.runtime.errors import InterpreterError
+        fn = self._interpreted.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except InterpreterError:
+            raise
+        except Exception as e:
+            raise InterpreterError(repr(e)) from e
+
+
+def _language_objects():
+    import triton.language as tl
+    objs = [tl, tl.core, getattr(tl, "standard", None), getattr(tl, "math", None),
+            getattr(tl, "random", None), tl.core.tensor, tl.core.dtype,
+            getattr(tl.core, "condition", None), getattr(tl.core, "tensor_descriptor_base", None)]
+    seen, out = set(), []
+    for o in objs:
+        if o is not None and id(o) not in seen:
+            seen.add(id(o))
+            out.append(o)
+    return out
+
+
 @contextlib.contextmanager
 def _interpreted_language():
-    """Temporarily interpret triton.language's own @triton.jit helpers.
+    """Patch triton.language for interpretation for the duration of one launch.
 
-    ``tl.max``, ``tl.sum``, ``tl.cdiv``, ``tl.zeros`` ... are JITFunctions
-    defined in ``triton.language.standard``.  With ``TRITON_INTERPRET`` unset at
-    import time they refuse to be called outside a compiled kernel, so for the
-    duration of an interpreted launch we swap them (in place, so that the
-    interpreter's identity checks such as ``combine_fn is
-    tl.standard._sum_combine`` keep working) for InterpretedFunctions.
+    * the language builtins of ``triton.language`` *and* ``triton.language.core``
+      are patched once (the interpreter itself only patches the modules visible
+      from the kernel's globals, then re-patches on each helper call);
+    * ``tl.max``, ``tl.sum``, ``tl.cdiv``, ``tl.zeros`` ... are JITFunctions of
+      ``triton.language.standard``; with ``TRITON_INTERPRET`` unset at import they
+      refuse to run outside a compiled kernel, so they are swapped in place (the
+      interpreter's identity checks such as ``combine_fn is
+      tl.standard._sum_combine`` keep working) for interpreted helpers;
+    * everything is restored afterwards, so compiled (GPU) kernels in the same
+      process see an untouched ``triton.language``.
     """
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime import interpreter as _interp
     from triton.runtime.jit import JITFunction
 
     _warm_lazy_imports()
-    modules = {id(m): m for m in (tl, getattr(tl, "standard", None), getattr(tl, "random", None),
-                                  getattr(tl, "math", None)) if m is not None}
-    saved = []
-    for mod in modules.values():
-        for name, value in list(vars(mod).items()):
-            if isinstance(value, JITFunction):
-                saved.append((mod, name, value))
-                setattr(mod, name, _library_interpreted(value.fn, InterpretedFunction))
+    objs = _language_objects()
+    snapshot = [(o, dict(vars(o))) for o in objs]
+    scopes = []
     try:
+        for mod in (tl, getattr(tl, "standard", None), getattr(tl, "random", None),
+                    getattr(tl, "math", None)):
+            if mod is None:
+                continue
+            for name, value in list(vars(mod).items()):
+                if isinstance(value, JITFunction):
+                    setattr(mod, name, _helper(_python_fn(value)))
+        # patch the builtins of tl.core (seen by triton.language.standard) and tl
+        scopes.append(_interp._patch_lang(tl.standard.sum.fn))
+        builder = _interp.interpreter_builder
+        original_dot = type(builder).create_dot
+        builder.create_dot = functools.partial(_fast_create_dot, builder, original_dot)
         yield
     finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
+        builder = _interp.interpreter_builder
+        if "create_dot" in vars(builder):
+            del builder.create_dot
+        for scope in reversed(scopes):
+            scope.restore()
+        for obj, saved in snapshot:
+            current = vars(obj)
+            for name in list(current.keys()):
+                if name not in saved:
+                    try:
+                        delattr(obj, name)
+                    except (AttributeError, TypeError):
+                        pass
+            for name, value in saved.items():
+                if current.get(name, _MISSING) is not value:
+                    try:
+                        setattr(obj, name, value)
+                    except (AttributeError, TypeError):
+                        pass
 
 
-_LIBRARY_CACHE: dict = {}
+_MISSING = object()
+
+
+def _float32_view(handle) -> np.ndarray | None:
+    """Tile data as float32 for a BLAS matmul (bf16 tiles are stored as raw uint16)."""
+    import triton.language as tl
+    data = handle.data
+    scalar = handle.dtype.scalar if hasattr(handle.dtype, "scalar") else handle.dtype
+    if scalar == tl.bfloat16:
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    if scalar in (tl.float32, tl.float16):
+        return data.astype(np.float32, copy=False)
+    return None
+
+
+def _fast_create_dot(builder, original, a, b, d, input_precision, max_num_imprecise_acc):
+    """Interpreter ``tl.dot`` through BLAS.
+
+    Upstream computes ``np.matmul(a, b, dtype=acc_dtype)``: passing ``dtype``
+    takes NumPy off its BLAS path (~20x slower for our tiles), and bf16 tiles
+    are multiplied as their raw uint16 bit patterns.  For float tiles with a
+    float32 accumulator we convert to float32 (exact for fp16/bf16) and use a
+    plain matmul; anything else goes to the original implementation.
+    """
+    from triton.runtime.interpreter import TensorHandle
+    if d.data.dtype == np.float32:
+        a32, b32 = _float32_view(a), _float32_view(b)
+        if a32 is not None and b32 is not None:
+            return TensorHandle(np.matmul(a32, b32) + d.data, d.dtype.scalar)
+    return original(builder, a, b, d, input_precision, max_num_imprecise_acc)
+
+
 _WARMED = False
 
 
@@ -255,12 +365,6 @@ def _warm_lazy_imports() -> None:
     for probe in (_NumpyTensor(np.zeros(1, np.float32)), 1, 1.0, True):
         mangle_type(probe)
     _WARMED = True
-
-
-def _library_interpreted(fn, factory):
-    if fn not in _LIBRARY_CACHE:
-        _LIBRARY_CACHE[fn] = factory(fn)
-    return _LIBRARY_CACHE[fn]
 
 
 def _poison(shape, dtype) -> np.ndarray:

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels import bridge
+from kernels._batching import fold_vmap
 from kernels._checks import check_attention_args
 
 __all__ = ["flash_attention", "flash_attention_fwd"]
@@ -62,17 +63,19 @@ def _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base, lo, h
                DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    # pointers advance by one block per iteration (fewer ops per iteration)
+    kT_ptrs = K_base + (lo + offs_n)[None, :] * kv_stride + offs_d[:, None]
+    v_ptrs = V_base + (lo + offs_n)[:, None] * kv_stride + offs_d[None, :]
+    step = BLOCK_N * kv_stride
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
         if MASKED:
+            cols = start_n + offs_n
             col_ok = cols < Tk
-            k = tl.load(K_base + cols[None, :] * kv_stride + offs_d[:, None],
-                        mask=col_ok[None, :], other=0.0)
-            v = tl.load(V_base + cols[:, None] * kv_stride + offs_d[None, :],
-                        mask=col_ok[:, None], other=0.0)
+            k = tl.load(kT_ptrs, mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         else:
-            k = tl.load(K_base + cols[None, :] * kv_stride + offs_d[:, None])
-            v = tl.load(V_base + cols[:, None] * kv_stride + offs_d[None, :])
+            k = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             valid = col_ok[None, :]
@@ -80,7 +83,7 @@ def _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base, lo, h
                 valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
             qk = tl.where(valid, qk, float("-inf"))
         if HAS_SEG:
-            k_seg = tl.load(KSEG_base + cols, mask=cols < Tk, other=-2)
+            k_seg = tl.load(KSEG_base + start_n + offs_n, mask=start_n + offs_n < Tk, other=-2)
             qk = tl.where(q_seg[:, None] == k_seg[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows that have seen no visible key yet keep m = -inf; use 0 as the
@@ -92,6 +95,8 @@ def _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base, lo, h
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
+        kT_ptrs += step
+        v_ptrs += step
     return acc, m_i, l_i
 
 
@@ -189,13 +194,15 @@ def _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q_base, DO_base, LSE_base, DELTA_
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                   HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_mb = tl.arange(0, BLOCK_M)
+    q_ptrs = Q_base + (lo + offs_mb)[:, None] * q_stride + offs_d[None, :]
+    do_ptrs = DO_base + (lo + offs_mb)[:, None] * q_stride + offs_d[None, :]
+    step = BLOCK_M * q_stride
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = start_m + offs_mb
         row_ok = offs_m < Tq
-        q = tl.load(Q_base + offs_m[:, None] * q_stride + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        do = tl.load(DO_base + offs_m[:, None] * q_stride + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
         # rows past Tq get lse = +inf, hence P = 0: no other mask needed for them
         lse = tl.load(LSE_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
@@ -210,6 +217,8 @@ def _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q_base, DO_base, LSE_base, DELTA_
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+        q_ptrs += step
+        do_ptrs += step
     return dk, dv
 
 
@@ -279,17 +288,18 @@ def _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG_base
                  DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K_base + (lo + offs_n)[:, None] * kv_stride + offs_d[None, :]
+    v_ptrs = V_base + (lo + offs_n)[:, None] * kv_stride + offs_d[None, :]
+    step = BLOCK_N * kv_stride
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
         if MASKED:
+            cols = start_n + offs_n
             col_ok = cols < Tk
-            k = tl.load(K_base + cols[:, None] * kv_stride + offs_d[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            v = tl.load(V_base + cols[:, None] * kv_stride + offs_d[None, :],
-                        mask=col_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
         else:
-            k = tl.load(K_base + cols[:, None] * kv_stride + offs_d[None, :])
-            v = tl.load(V_base + cols[:, None] * kv_stride + offs_d[None, :])
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
@@ -298,11 +308,13 @@ def _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG_base
                 valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
             p = tl.where(valid, p, 0.0)
         if HAS_SEG:
-            k_seg = tl.load(KSEG_base + cols, mask=cols < Tk, other=-2)
+            k_seg = tl.load(KSEG_base + start_n + offs_n, mask=start_n + offs_n < Tk, other=-2)
             p = tl.where(q_seg[:, None] == k_seg[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        k_ptrs += step
+        v_ptrs += step
     return dq
 
 
@@ -420,36 +432,10 @@ def _dot_precision(dtype) -> str:
 
 
 def _compute_dtype(cfg: _Cfg, dtype):
-    # Triton's interpreter multiplies bf16 tiles as raw uint16 bit patterns, so
-    # bf16 runs in fp32 there (fp16 is fine).  On GPU dtypes are kept.
-    if cfg.interpret and jnp.dtype(dtype) == jnp.bfloat16:
-        return jnp.float32
+    # Inputs keep their dtype on both paths (tiles are upcast to fp32 inside
+    # tl.dot; bridge patches the interpreter's bf16 dot, see bridge.py).
+    del cfg
     return dtype
-
-
-def _fold_vmap(fn):
-    """custom_vmap: fold a vmapped axis into the leading batch axis of every operand.
-
-    All kernel operands and results have the attention batch as axis 0, so a
-    vmapped call is one kernel launch over ``axis_size * batch`` rows.
-    """
-
-    @jax.custom_batching.custom_vmap
-    def wrapped(*args):
-        return fn(*args)
-
-    @wrapped.def_vmap
-    def _rule(axis_size, in_batched, *args):
-        flat = []
-        for a, batched in zip(args, in_batched):
-            if not batched:
-                a = jnp.broadcast_to(a[None], (axis_size,) + a.shape)
-            flat.append(a.reshape((axis_size * a.shape[1],) + a.shape[2:]))
-        outs = wrapped(*flat)
-        outs = tuple(o.reshape((axis_size, o.shape[0] // axis_size) + o.shape[1:]) for o in outs)
-        return outs, tuple(True for _ in outs)
-
-    return wrapped
 
 
 def _blocks(cfg: _Cfg, tq: int, tk: int):
@@ -495,7 +481,7 @@ def _fwd_impl(cfg: _Cfg):
                 **consts)
         return o.astype(dtype), lse
 
-    return _fold_vmap(fwd)
+    return fold_vmap(fwd)
 
 
 @functools.lru_cache(maxsize=None)
@@ -540,7 +526,7 @@ def _bwd_impl(cfg: _Cfg):
                 **consts)
         return dq.astype(dtypes[0]), dk.astype(dtypes[1]), dv.astype(dtypes[2])
 
-    return _fold_vmap(bwd)
+    return fold_vmap(bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
