@@ -28,6 +28,10 @@ def load(config, workdir: str):
     for field in train_lib.SHAPE_FIELDS:
       if field in meta["config"]["model"]:
         config.model[field] = meta["config"]["model"][field]
+    if config.data.seq_len > config.model.max_seq_len:  # e.g. a converted GPT-2 of short context
+      logging.info("data.seq_len %d -> the checkpoint's max_seq_len %d", config.data.seq_len,
+                   config.model.max_seq_len)
+      config.data.seq_len = config.model.max_seq_len
   tokenizer = tokenizers.from_json(meta["tokenizer"])
   run = train_lib.make_run(config, tokenizer.vocab_size)
   state = ckpt.restore(run.abstract_state())

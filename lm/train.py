@@ -9,6 +9,7 @@ object graph is walked per step.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -251,6 +252,8 @@ def train(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   latest = ckpt.latest_step()
   tokenizer = None
+  if tc.init_from:  # fine-tuning: the source's model shape and tokenizer (see adopt_source)
+    config, tokenizer = adopt_source(config, tc.init_from)
   if latest is not None:
     meta = ckpt.read_meta(latest)
     _check_resumable(meta["config"], config)
@@ -330,6 +333,25 @@ def train(config, workdir: str) -> dict:
     for text in sample_lib.sample_text(model, tokenizer, config.sample):
       print(f"--- sample ---\n{text}", flush=True)
   return {**last_eval, "step": step, "wall_time_s": time.time() - t_start}
+
+
+def adopt_source(config, source: str):
+  """Fine-tuning: (config with the model shape of the checkpoint at `source`, its tokenizer).
+
+  Every SHAPE_FIELD but num_classes (a classifier may add a head), and ln_eps, come from the
+  source, so a config need not repeat them (a converted GPT-2 has learned positions, biases,
+  ...); the token ids must be the source's for its embeddings to mean anything.
+  """
+  src, meta = ckpt_lib.read_meta(source)
+  src.close()
+  saved = meta["config"]["model"]
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for field in SHAPE_FIELDS + ("ln_eps",):
+      if field != "num_classes" and field in saved and saved[field] != config.model.get(field):
+        logging.info("train.init_from: model.%s=%r from %s", field, saved[field], source)
+        config.model[field] = saved[field]
+  return config, tokenizers.from_json(meta["tokenizer"])
 
 
 def _load_params_from(run: Run, state: nnx.State, source: str) -> nnx.State:
