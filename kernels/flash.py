@@ -405,10 +405,10 @@ def _pow2_clip(n: int, lo: int, hi: int) -> int:
 def interpreter_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
     """Fixed (BLOCK_M, BLOCK_N) used by Triton's interpreter (CPU).
 
-    Large-ish tiles (up to 64) keep the number of interpreted programs low;
+    Large-ish tiles (up to 128 x 64) keep the number of interpreted programs low;
     tiny sequences get tiles shrunk to the next power of two (min 16).
     """
-    return _pow2_clip(q_len, 16, 64), _pow2_clip(kv_len, 16, 64)
+    return _pow2_clip(q_len, 16, 128), _pow2_clip(kv_len, 16, 64)
 
 
 # ---------------------------------------------------------------------------
