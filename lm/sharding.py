@@ -119,7 +119,7 @@ def _spec_of(x: nnx.Variable, rules, mesh=None) -> P:
     return spec
   # A dimension its mesh axes do not divide (e.g. a 65-character vocab over tensor=2) stays
   # whole rather than failing: jit needs shardings that divide evenly.
-  return P(*(_fit(e, d, mesh) for e, d in zip(spec, x.value.shape)))
+  return P(*(_fit(e, d, mesh) for e, d in zip(spec, x.get_value().shape)))
 
 
 def state_shardings(state: nnx.State, mesh, rules) -> nnx.State:
@@ -130,6 +130,13 @@ def state_shardings(state: nnx.State, mesh, rules) -> nnx.State:
   """
   return jax.tree.map(lambda x: x.replace(NamedSharding(mesh, _spec_of(x, rules, mesh))), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def partition_specs(state: nnx.State, rules, mesh=None) -> dict[str, P]:
+  """{"0/blocks/0/attn/wq": PartitionSpec, ...} for every variable (for tables and tests);
+  `mesh` (a Mesh or AbstractMesh) also drops mesh axes that do not divide a dimension."""
+  return {"/".join(map(str, path)): _spec_of(x, rules, mesh)
+          for path, x in nnx.to_flat_state(state)}
 
 
 def batch_sharding(mesh, rules, ndim: int = 2) -> NamedSharding:
