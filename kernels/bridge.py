@@ -26,8 +26,10 @@ Python scalars become scalar arguments), then one pointer per output in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
+import os
 import threading
 import types
 from typing import Any, Callable, Sequence
@@ -36,6 +38,12 @@ import jax
 import numpy as np
 
 __all__ = ["triton_call", "on_gpu", "use_interpreter"]
+
+# Triton's interpreter checks every int32 add/sub/mul for overflow by default
+# (a debugging aid that is off in compiled kernels unless debug=True).  It
+# roughly doubles interpreter time for our kernels, so it is off unless this
+# flag (or the env var KERNELS_INTERPRET_SANITIZE_OVERFLOW=1) turns it on.
+INTERPRETER_SANITIZE_OVERFLOW = os.environ.get("KERNELS_INTERPRET_SANITIZE_OVERFLOW", "0") == "1"
 
 
 def on_gpu() -> bool:
@@ -297,11 +305,17 @@ def _interpreted_language():
         builder = _interp.interpreter_builder
         original_dot = type(builder).create_dot
         builder.create_dot = functools.partial(_fast_create_dot, builder, original_dot)
+        saved_options = builder.options
+        if dataclasses.is_dataclass(saved_options) and hasattr(saved_options, "sanitize_overflow"):
+            builder.options = dataclasses.replace(
+                saved_options, sanitize_overflow=INTERPRETER_SANITIZE_OVERFLOW)
         yield
     finally:
         builder = _interp.interpreter_builder
         if "create_dot" in vars(builder):
             del builder.create_dot
+        if "saved_options" in locals():
+            builder.options = saved_options
         for scope in reversed(scopes):
             scope.restore()
         for obj, saved in snapshot:
@@ -413,6 +427,40 @@ def _normalize_grid(grid, meta) -> tuple:
 # --------------------------------------------------------------------------
 
 
+def _varying_axes(x) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
+    try:
+        aval = jax.typeof(x)
+    except Exception:
+        return frozenset()
+    mat = getattr(aval, "mat", None)  # newer JAX: manual axis type
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", None) or ())  # older JAX
+
+
+def _mark_varying(outs, inputs):
+    """Type kernel outputs as varying over every mesh axis any input varies over.
+
+    Neither ``pure_callback`` nor jax-triton's custom call propagates
+    shard_map's varying-manual-axes type; without this a ``custom_vjp`` used
+    inside ``shard_map`` rejects its own cotangents.
+    """
+    want = frozenset().union(*(_varying_axes(a) for a in inputs)) if inputs else frozenset()
+    if not want:
+        return outs
+    fixed = []
+    for o in outs:
+        missing = tuple(sorted(want - _varying_axes(o), key=str))
+        if missing:
+            if hasattr(jax.lax, "pcast"):
+                o = jax.lax.pcast(o, missing, to="varying")
+            elif hasattr(jax.lax, "pvary"):
+                o = jax.lax.pvary(o, missing)
+        fixed.append(o)
+    return tuple(fixed)
+
+
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval")
 
@@ -454,7 +502,7 @@ def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
                               **{out_kw: out_shapes}, **launch, **constexprs)
         if not isinstance(outs, (list, tuple)):
             outs = (outs,)
-        return tuple(outs)
+        return _mark_varying(tuple(outs), [a for a in args if _is_array(a)])
 
     spec = []
     arrays = []
@@ -469,4 +517,4 @@ def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
     callback = functools.partial(_run_interpreted, kernel, tuple(spec), grid_t,
                                  dict(constexprs), result_shapes)
     outs = jax.pure_callback(callback, result_shapes, *arrays, vmap_method="sequential")
-    return tuple(outs)
+    return _mark_varying(tuple(outs), arrays)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -367,25 +367,37 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH
 # ---------------------------------------------------------------------------
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).  Kept short on purpose: jax-triton
+# compiles every config of an autotuned kernel when it lowers a new shape.
+_FWD_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3),
+                (128, 64, 8, 3), (128, 128, 8, 2)]
+# dK/dV kernel: BLOCK_N is its K/V tile, BLOCK_M the inner query tile; the dQ
+# kernel uses them the other way round.  Both are tuned over this list.
+_BWD_CONFIGS = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                (128, 32, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)]
+# fixed GPU config when autotuning is disabled (KERNELS_AUTOTUNE=0)
+_GPU_FIXED = {32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (64, 32), 512: (32, 32)}
+
+
+def _effective_dim(head_dim: int, dtype) -> int:
+    """Head dim scaled by element size relative to 16-bit: fp32 tiles cost twice
+    the shared memory / registers (fp32 fwd at D=128 with 128x64x3 stages
+    needs 225 KiB of shared memory when cross-compiled for sm_90)."""
+    return head_dim * (2 if jnp.dtype(dtype).itemsize >= 4 else 1)
+
+
 def _gpu_configs(head_dim: int, kind: str):
-    """Autotuning space on GPU (pruned by head dim to keep shared memory sane)."""
-    if kind == "fwd":
-        blocks = [(bm, bn) for bm in (64, 128) for bn in (32, 64, 128)]
-    else:  # backward kernels: smaller tiles, both orientations
-        blocks = [(bm, bn) for bm in (32, 64, 128) for bn in (32, 64, 128)]
-    if head_dim >= 256:
-        blocks = [(bm, bn) for bm, bn in blocks if bm * bn <= 64 * 64]
+    """Autotuning space on GPU, pruned by (effective) head dim to keep shared
+    memory and registers within bounds."""
+    table = _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
+    if head_dim >= 512:
+        table = [(bm, bn, w, min(st, 2)) for bm, bn, w, st in table if bm * bn <= 64 * 32]
+    elif head_dim >= 256:
+        table = [(bm, bn, w, min(st, 2)) for bm, bn, w, st in table if bm * bn <= 64 * 64]
     elif head_dim >= 128 and kind != "fwd":
-        blocks = [(bm, bn) for bm, bn in blocks if bm * bn <= 64 * 128]
-    configs = []
-    for bm, bn in blocks:
-        for warps in (4, 8):
-            for stages in (2, 3):
-                if warps == 8 and bm * bn < 64 * 64:
-                    continue
-                configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn},
-                                             num_warps=warps, num_stages=stages))
-    return configs
+        table = [c for c in table if c[0] * c[1] <= 64 * 128]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in table]
 
 
 _AUTOTUNE_KEYS = ["Tq", "Tk", "H", "KVH"]
@@ -393,6 +405,7 @@ _AUTOTUNE_KEYS = ["Tq", "Tk", "H", "KVH"]
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, head_dim: int):
+    """Autotuned wrapper; ``head_dim`` is the effective one (see _effective_dim)."""
     kernel = {"fwd": _flash_fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kernel_name]
     kind = "fwd" if kernel_name == "fwd" else "bwd"
     return triton.autotune(configs=_gpu_configs(head_dim, kind), key=_AUTOTUNE_KEYS)(kernel)
@@ -405,10 +418,11 @@ def _pow2_clip(n: int, lo: int, hi: int) -> int:
 def interpreter_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
     """Fixed (BLOCK_M, BLOCK_N) used by Triton's interpreter (CPU).
 
-    Large-ish tiles (up to 128 x 64) keep the number of interpreted programs low;
+    Large tiles (up to 256 x 256) keep the number of interpreted programs and
+    loop iterations low (interpreter cost is per operation, not per element);
     tiny sequences get tiles shrunk to the next power of two (min 16).
     """
-    return _pow2_clip(q_len, 16, 128), _pow2_clip(kv_len, 16, 64)
+    return _pow2_clip(q_len, 16, 256), _pow2_clip(kv_len, 16, 256)
 
 
 # ---------------------------------------------------------------------------
@@ -438,11 +452,14 @@ def _compute_dtype(cfg: _Cfg, dtype):
     return dtype
 
 
-def _blocks(cfg: _Cfg, tq: int, tk: int):
+def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int):
+    """(BLOCK_M, BLOCK_N), or None to autotune; head_dim is the effective one."""
     if cfg.block_sizes is not None:
         return cfg.block_sizes
     if cfg.interpret:
         return interpreter_block_sizes(tq, tk)
+    if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
+        return _GPU_FIXED[head_dim]
     return None  # autotune
 
 
@@ -466,11 +483,11 @@ def _fwd_impl(cfg: _Cfg):
                      jax.ShapeDtypeStruct((b, h, tq), jnp.float32)]
         consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
-        blocks = _blocks(cfg, tq, tk)
+        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))
         args = (q, k, v, qseg, kseg, cfg.scale, tq, tk, h, kvh)
         if blocks is None:
             o, lse = bridge.triton_call(
-                _tuned("fwd", d), *args, out_shape=out_shape,
+                _tuned("fwd", _effective_dim(d, cdt)), *args, out_shape=out_shape,
                 grid=lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
                 interpret=False, **consts)
         else:
@@ -495,7 +512,7 @@ def _bwd_impl(cfg: _Cfg):
         qseg, kseg = _seg_operands(cfg, b, segs)
         consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
-        blocks = _blocks(cfg, tq, tk)
+        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))
         pre_bm = blocks[0] if blocks is not None else 64
         (delta,) = bridge.triton_call(
             _bwd_preprocess, o, do, tq, h,
@@ -507,11 +524,11 @@ def _bwd_impl(cfg: _Cfg):
         q_shape = jax.ShapeDtypeStruct(q.shape, cdt)
         if blocks is None:
             dk, dv = bridge.triton_call(
-                _tuned("dkdv", d), *args, out_shape=kv_shapes,
+                _tuned("dkdv", _effective_dim(d, cdt)), *args, out_shape=kv_shapes,
                 grid=lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * kvh),
                 interpret=False, **consts)
             (dq,) = bridge.triton_call(
-                _tuned("dq", d), *args, out_shape=q_shape,
+                _tuned("dq", _effective_dim(d, cdt)), *args, out_shape=q_shape,
                 grid=lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
                 interpret=False, **consts)
         else:

@@ -205,6 +205,19 @@ def test_padding_rows_give_zero_output_and_zero_gradients():
         assert np.isfinite(np.asarray(o)).all()
 
 
+def test_with_interpreter_overflow_sanitizer(monkeypatch):
+    """One case with the interpreter's int32 overflow checks on (off by default for speed)."""
+    monkeypatch.setattr(bridge, "INTERPRETER_SANITIZE_OVERFLOW", True)
+    q, k, v, do = make_inputs(55, 1, 21, 27, 2, 1, 32)
+    seg = (jnp.asarray(make_segments(6, 1, 21)), jnp.asarray(make_segments(7, 1, 27)))
+    o, grads = run_with_grads(kernels.flash_attention, q, k, v, do, causal=True, segment_ids=seg,
+                              block_sizes=(16, 16))
+    refs = np_attention(q, k, v, do, causal=True, q_seg=np.asarray(seg[0]),
+                        kv_seg=np.asarray(seg[1]))
+    for x, ref in zip((o,) + tuple(grads), refs):
+        assert rel_err(x, ref) < 1e-5
+
+
 def test_backward_is_deterministic():
     q, k, v, do = make_inputs(50, 1, 33, 33, 4, 2, 32)
     seg = jnp.asarray(make_segments(3, 1, 33))
@@ -348,3 +361,38 @@ def test_gpu_bf16_matches_reference(d, causal):
         assert rel_err(o, ro) < 1e-2
         for g, rg in zip(grads, rgrads):
             assert rel_err(g, rg) < 2e-2
+
+
+_SHARD_MAP_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+import kernels
+mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+q = jax.random.normal(jax.random.key(0), (4, 20, 2, 32))
+kv = jax.random.normal(jax.random.key(1), (4, 20, 1, 32))
+seg = jnp.asarray(np.repeat([[1] * 12 + [2] * 8], 4, 0).astype(np.int32))
+ref = lambda q, kv: kernels.reference_attention(q, kv, kv, causal=True, segment_ids=seg)
+want = jax.grad(lambda q, kv: jnp.sum(ref(q, kv) ** 2), argnums=(0, 1))(q, kv)
+for fn in (kernels.flash_attention, kernels.fused_softmax_attention):
+    sm = jax.shard_map(lambda q, kv, s: fn(q, kv, kv, causal=True, segment_ids=s), mesh=mesh,
+                       in_specs=(P("data"), P("data"), P("data")), out_specs=P("data"))
+    got = jax.jit(jax.grad(lambda q, kv: jnp.sum(sm(q, kv, seg) ** 2), argnums=(0, 1)))(q, kv)
+    for g, w in zip(got, want):
+        err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+        assert err < 1e-5, (fn.__name__, err)
+print("OK")
+"""
+
+
+def test_inside_shard_map_on_two_cpu_devices():
+    """Per-device shards under shard_map, with gradients (fresh process: needs 2 CPU devices)."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
