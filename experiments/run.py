@@ -35,6 +35,7 @@ flags.DEFINE_float("temperature", None, "sample: 0 is greedy.")
 flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0: all).")
 flags.DEFINE_float("top_p", None, "sample: nucleus mass in (0, 1].")
 flags.DEFINE_integer("seed", None, "sample: random seed.")
+flags.DEFINE_integer("stop_token", None, "sample: end a sequence at this token id (-1: none).")
 flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index.")
@@ -108,10 +109,14 @@ def main(argv):
     config = FLAGS.config
     sample_overrides = {k: getattr(FLAGS, k) for k in
                         ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
-                         "seed", "prompt") if getattr(FLAGS, k) is not None}
+                         "seed", "prompt", "stop_token") if getattr(FLAGS, k) is not None}
     if FLAGS.mode == "train":
-      from lm import train
-      train.train(config, FLAGS.workdir)
+      if config.train.get("task", "lm") == "classify":  # lm/classify.py
+        from lm import classify
+        classify.train(config, FLAGS.workdir)
+      else:
+        from lm import train
+        train.train(config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
       evaluate.evaluate_workdir(config, FLAGS.workdir, data_path=FLAGS.data_path)
     else:

@@ -14,6 +14,7 @@ from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
 from lm import tokenizers
 from lm import train as train_lib
+from lm.errors import UsageError
 
 
 def load(config, workdir: str):
@@ -41,7 +42,15 @@ def load(config, workdir: str):
 
 
 def evaluate_workdir(config, workdir: str, data_path: str | None = None) -> dict:
-  """Loss, perplexity and bits per byte over the whole validation split; appended to metrics."""
+  """Loss, perplexity and bits per byte over the whole validation split; appended to metrics.
+
+  With config.train.task="classify": held-out accuracy instead (lm/classify.py).
+  """
+  if config.train.get("task", "lm") == "classify":
+    from lm import classify
+    if data_path is not None:
+      raise UsageError("--data_path: the classification task reads the embedded plays")
+    return classify.evaluate_workdir(config, workdir)
   run, state, tokenizer, step = load(config, workdir)
   if data_path is not None:
     with run.config.unlocked():

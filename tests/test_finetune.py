@@ -1,0 +1,127 @@
+"""Using trained runs: evaluation over a whole split, fine-tuning that starts at the source
+checkpoint's loss, and a genre classifier that beats the majority baseline on held-out plays."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lm import classify, data, evaluate, train
+from lm.errors import UsageError
+from tests.conftest import tiny_config
+
+
+def _play_texts():
+  docs = dict(data.play_documents())
+  return docs["comedies/twelfth-night"], docs["tragedies/othello"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A tiny LM trained on part of one play; and a second play's text as new data."""
+  root = tmp_path_factory.mktemp("finetune")
+  a, b = _play_texts()
+  old, new = root / "old.txt", root / "new.txt"
+  old.write_text(a[:40000])
+  new.write_text(b[:20000])
+  config = tiny_config(**{"data.path": str(old), "train.num_steps": 60,
+                          "train.learning_rate": 3e-3, "train.eval_every": 60,
+                          "train.checkpoint_every": 60, "train.log_every": 20})
+  workdir = str(root / "source")
+  train.train(config, workdir)
+  return config, workdir, str(new), root
+
+
+def test_eval_covers_the_whole_split(source):
+  config, workdir, new, _ = source
+  run, _, tokenizer, _ = evaluate.load(config, workdir)
+  val = data.load_corpus(run.config.data, tokenizer).val
+  result = evaluate.evaluate_workdir(config, workdir)
+  assert result["val_tokens"] == len(val) - 1  # every target once, not eval_batches' worth
+  assert math.isclose(result["val_ppl"], math.exp(result["val_loss"]), rel_tol=1e-9)
+  assert result["val_bpb"] > 0
+  on_new = evaluate.evaluate_workdir(config, workdir, data_path=new)
+  assert on_new["data"] == new and on_new["val_tokens"] != result["val_tokens"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["val_loss"] for r in records[-2:]] == [result["val_loss"], on_new["val_loss"]]
+  assert records[-1]["step"] == 60 and records[-1]["mode"] == "eval"
+
+
+def test_finetuning_starts_at_the_checkpoint_loss(source):
+  config, workdir, new, root = source
+  # The source model's loss on the fine-tuning run's first batch, computed independently.
+  run, state, tokenizer, _ = evaluate.load(config, workdir)
+  model = nnx.merge(run.graphdef, state)[0]
+  ft = tiny_config(**{"data.path": new, "train.init_from": workdir, "train.num_steps": 15,
+                      "train.log_every": 1, "train.eval_every": 15, "train.learning_rate": 1e-3,
+                      "train.warmup_steps": 1, "seed": 5,
+                      # a different model in the config: the source's shape wins
+                      "model.d_model": 64, "data.tokenizer": "byte"})
+  corpus = data.load_corpus(ft.data, tokenizer)
+  batch = data.get_batch(corpus.train, seed=5, step=0, batch_size=8, seq_len=32)
+  logits = model(batch[:, :-1])
+  want = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean())
+  fresh = math.log(tokenizer.vocab_size)  # what a freshly initialised model starts near
+  assert want < fresh - 1.0
+  before = evaluate.evaluate_workdir(config, workdir, data_path=new)["val_loss"]
+
+  ft_dir = str(root / "ft")
+  out = train.train(ft, ft_dir)
+  with open(os.path.join(ft_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  first = next(r for r in records if r["step"] == 1 and "train_loss" in r)
+  assert abs(first["train_loss"] - want) < 1e-4
+  assert out["val_loss"] < before  # continued MLE on the new data helps on the new data
+  ckpt, meta = train.ckpt_lib.read_meta(ft_dir)
+  ckpt.close()
+  assert meta["config"]["model"]["d_model"] == 32  # adopted from the source
+  assert json.loads(meta["tokenizer"]) == json.loads(tokenizer.to_json())
+
+
+def test_speeches_and_play_split():
+  text = ("ACT I\n\nSCENE I. A room.\n\nEnter ORSINO\n\nORSINO:\nIf music be the food of love,"
+          " play on;\nGive me excess of it.\n\nExit\n\nFIRST OFFICER:\nOrsino, this is that "
+          "Antonio.\n\nVIOLA:\nHe did me kindness, sir.\n")
+  assert classify.speeches(text) == [
+      "If music be the food of love, play on;\nGive me excess of it.",
+      "Orsino, this is that Antonio.", "He did me kindness, sir."]
+  ds = classify.genre_dataset(0.1, min_chars=80)
+  assert set(ds.train.plays).isdisjoint(ds.val.plays)
+  held = {p.split("/")[0] for p in ds.val.plays}
+  assert held == set(ds.classes) and len(set(ds.val.plays)) == len(ds.classes)
+  assert min(len(t) for t in ds.train.texts + ds.val.texts) >= 80
+  idx = classify.sample_batch(ds.train.labels, seed=0, step=0, batch_size=6000, balanced=True)
+  share = np.bincount(ds.train.labels[idx]) / 6000
+  assert np.all(np.abs(share - 1 / len(ds.classes)) < 0.03)
+  with pytest.raises(UsageError, match="unknown genre"):
+    cfg = tiny_config()
+    with cfg.unlocked():
+      cfg.classify = {"genres": "comedies,sonnets"}
+    classify.dataset_for(cfg)
+
+
+def test_classifier_beats_majority_baseline_on_held_out_plays(tmp_path):
+  """Comedies against histories (a subset of the six genres, to train in seconds), one play
+  of each held out; the baselines are measured on those plays, not assumed."""
+  config = tiny_config(**{
+      "train.task": "classify", "data.tokenizer": "bpe", "data.vocab_size": 2048,
+      "data.seq_len": 64, "train.num_steps": 150, "train.batch_size": 32,
+      "train.learning_rate": 3e-3, "train.warmup_steps": 20, "train.eval_every": 150,
+      "train.checkpoint_every": 150, "train.log_every": 50, "train.eval_batch_size": 256})
+  with config.unlocked():
+    config.classify = {"min_chars": 80, "balanced": True, "genres": "comedies,histories"}
+  workdir = str(tmp_path / "genre")
+  out = classify.train(config, workdir)
+  assert out["val_plays"] == 2 and out["val_examples"] > 300
+  result = evaluate.evaluate_workdir(config, workdir)  # what run.py --mode=eval does
+  assert result["val_accuracy"] == pytest.approx(out["val_accuracy"])
+  assert result["majority_class"] == "histories"
+  print(result)
+  assert result["val_accuracy"] > result["majority_baseline"] + 0.05
+  assert result["val_accuracy"] > result["best_constant_baseline"] + 0.05
