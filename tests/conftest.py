@@ -16,6 +16,7 @@ def tiny_config(**overrides):
   config = base.get_config()
   config.model.num_layers = 2
   config.model.d_model = 32
+  config.model.d_ff = 64
   config.model.num_heads = 4
   config.model.max_seq_len = 64
   config.data.seq_len = 32

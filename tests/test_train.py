@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli, tiny_config
 
-TINY = ["--config=experiments/base.py", "--config.model.num_layers=2", "--config.model.d_model=32",
+TINY = ["--config=experiments/base.py", "--config.model.num_layers=2", "--config.model.d_model=32", "--config.model.d_ff=64",
         "--config.model.max_seq_len=64", "--config.data.seq_len=32", "--config.train.num_steps=20",
         "--config.train.batch_size=8", "--config.train.warmup_steps=2",
         "--config.train.log_every=5", "--config.train.eval_every=10",
