@@ -45,6 +45,10 @@ def config(impl: str, steps: int, rules=sharding.DEFAULT_RULES):
     m.num_layers, m.d_model, m.num_heads, m.d_ff = 1, 256, 8, 64
     c.data.seq_len = 16
   m.attention_impl = impl
+  # Pinned, whatever experiments/base.py defaults to (the golden count assumes this model).
+  m.update(mlp="gelu", use_bias=False, tie_embeddings=True, positions="rope", norm="pre",
+           num_kv_heads=0, dropout=0.0, dtype="float32")
+  c.train.grad_accum = 1
   m.max_seq_len = 64
   c.train.batch_size = 8
   c.train.num_steps = steps
@@ -132,7 +136,8 @@ def part_shards(result: dict):
       result[f"shards_{name}"] = specs_and_bytes(train.init_state(run, c.seed))
   # The same for a GPT-2-small-sized model, from shardings alone (nothing allocated).
   c = base.get_config()
-  c.model.update(num_layers=12, d_model=768, num_heads=12, max_seq_len=1024)
+  c.model.update(num_layers=12, d_model=768, num_heads=12, max_seq_len=1024, d_ff=0, mlp="gelu",
+                 num_kv_heads=0, use_bias=False, tie_embeddings=True, positions="rope")
   c.data.seq_len = 1024
   c.mesh.rules = sharding.RULE_SETS["fsdp"]
   run = train.make_run(c, 50304, mesh=mesh_of((1, 8, 1)))

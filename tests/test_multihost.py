@@ -25,6 +25,8 @@ from tests.conftest import ROOT
 STEPS = 4
 OVERRIDES = {
     "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 4, "model.max_seq_len": 64,
+    "model.mlp": "gelu", "model.d_ff": 128, "model.attention_impl": "xla",
+    "train.learning_rate": 1e-3, "train.grad_accum": 1,
     "data.seq_len": 32, "train.num_steps": STEPS, "train.batch_size": 8,
     "train.warmup_steps": 1, "train.log_every": 1, "train.eval_every": STEPS,
     "train.eval_batches": 1, "train.eval_batch_size": 8, "train.checkpoint_every": STEPS,
