@@ -386,6 +386,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_inside_shard_map_on_two_cpu_devices():
     """Per-device shards under shard_map, with gradients (fresh process: needs 2 CPU devices)."""
     import os
