@@ -1,0 +1,78 @@
+"""Generation speed: tokens/s of KV-cache decoding (lm/sample.py) at several batch sizes.
+
+  python experiments/bench_generate.py --workdir=runs/base [--batch_sizes=1,16]
+      [--prompt_len=16] [--max_new_tokens=200] [--temperature=0.8] [--top_k=40]
+Times `generate` after one compiling call (median of --repeats); a prompt of --prompt_len
+tokens from the validation text, every row a copy, no stop token (all max_new_tokens made).
+Without --workdir it builds experiments/base.py's model with random weights (speed does not
+depend on the weights).
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("workdir", None, "run directory (default: base.py's model, random weights)")
+flags.DEFINE_list("batch_sizes", ["1", "16"], "batch sizes to time")
+flags.DEFINE_integer("prompt_len", 16, "prompt tokens")
+flags.DEFINE_integer("max_new_tokens", 200, "tokens generated per row")
+flags.DEFINE_float("temperature", 0.8, "0: greedy")
+flags.DEFINE_integer("top_k", 40, "0: all")
+flags.DEFINE_float("top_p", 1.0, "nucleus mass")
+flags.DEFINE_integer("repeats", 3, "timed calls per batch size")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  import jax
+  import numpy as np
+  from flax import nnx
+  from experiments import base
+  from lm import evaluate, sample, train
+  from lm.model import num_params
+  config = base.get_config()
+  if FLAGS.workdir:
+    run, state, _, _ = evaluate.load(config, FLAGS.workdir)
+    model = nnx.merge(run.graphdef, state)[0]
+  else:
+    run = train.make_run(config, 256 + 80)  # the char vocabulary of the plays is 256 + ~80
+    model = nnx.merge(run.graphdef, train.init_state(run, 0))[0]
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(0, model.cfg.vocab_size, FLAGS.prompt_len)
+  results = []
+  for b in [int(x) for x in FLAGS.batch_sizes]:
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+              top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    t = time.perf_counter()
+    sample.generate(model, [prompt] * b, seed=0, **kw)
+    compile_s = time.perf_counter() - t
+    times = []
+    for r in range(FLAGS.repeats):
+      t = time.perf_counter()
+      out = sample.generate(model, [prompt] * b, seed=r + 1, **kw)
+      times.append(time.perf_counter() - t)
+      assert all(len(s[0]) == FLAGS.max_new_tokens for s in out)
+    dt = float(np.median(times))
+    results.append({"batch": b, "tokens_per_s": b * FLAGS.max_new_tokens / dt,
+                    "ms_per_step": 1e3 * dt / FLAGS.max_new_tokens, "seconds": dt,
+                    "first_call_s": compile_s})
+  print(json.dumps({"device": jax.devices()[0].device_kind, "machine": platform.machine(),
+                    "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                    "params": num_params(model),
+                    "model": {k: getattr(model.cfg, k) for k in
+                              ("num_layers", "d_model", "num_heads", "num_kv_heads",
+                               "vocab_size", "max_seq_len", "attention_impl")},
+                    "prompt_len": FLAGS.prompt_len, "max_new_tokens": FLAGS.max_new_tokens,
+                    "sampling": {"temperature": FLAGS.temperature, "top_k": FLAGS.top_k,
+                                 "top_p": FLAGS.top_p},
+                    "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
