@@ -83,12 +83,17 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None):
 def cached_attention(q, k_cache, v_cache, cache_index, valid):
   """Attention of a chunk of queries written at `cache_index` over the whole KV cache.
 
+  q [B, Tq, H, D]; the caches are head-major [B, KVH, max_len, D] (see model.LayerCache).
   valid [B, max_len] (nonzero = a real token) hides left padding; later slots are hidden by
   causality, so stale cache contents are never read.
   """
-  tq, tk = q.shape[1], k_cache.shape[1]
+  b, tq, h, d = q.shape
+  kvh, tk = k_cache.shape[1], k_cache.shape[2]
   q_pos = cache_index + jnp.arange(tq)
   mask = (q_pos[:, None] >= jnp.arange(tk)[None, :])[None, None, None]
   mask &= (valid != 0)[:, None, None, None, :]
-  p = _softmax(_scores(q, k_cache), mask)
-  return _weighted_values(p, v_cache, q.shape, q.dtype)
+  qg = q.reshape(b, tq, kvh, h // kvh, d)
+  s = jnp.einsum("bqkgd,bksd->bkgqs", qg, k_cache, preferred_element_type=jnp.float32)
+  p = _softmax(s * (1.0 / jnp.sqrt(d).astype(jnp.float32)), mask)
+  out = jnp.einsum("bkgqs,bksd->bqkgd", p.astype(v_cache.dtype), v_cache)
+  return out.reshape(q.shape).astype(q.dtype)

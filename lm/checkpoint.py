@@ -31,7 +31,7 @@ class Checkpointer:
 
   def save(self, step: int, state: nnx.State, meta: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state.to_pure_dict()),
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
         meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
 
@@ -45,7 +45,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        abstract_state.to_pure_dict())
+        nnx.to_pure_dict(abstract_state))
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill

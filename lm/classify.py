@@ -194,7 +194,7 @@ def make_train_step(run: train_lib.Run):
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, model_def, tokens, lengths, labels, key)
     opt.update(model, grads)
-    metrics = {"train_loss": loss, "train_accuracy": acc, "grad_norm": optax.global_norm(grads),
+    metrics = {"train_loss": loss, "train_accuracy": acc, "grad_norm": optax.tree.norm(grads),
                "lr": run.schedule(step)}
     return nnx.state((model, opt)), metrics
 

@@ -219,7 +219,7 @@ def to_hf_gpt2(model: Transformer, out_dir: str, tokenizer=None) -> None:
   from safetensors.numpy import save_file
   cfg = model.cfg
   hf = hf_config_from_model(cfg)
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params.pop("cls_head", None), params.pop("cls_bias", None)
   os.makedirs(out_dir, exist_ok=True)
   save_file(hf_tensors_from_params(params, cfg), os.path.join(out_dir, "model.safetensors"),

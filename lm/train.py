@@ -152,7 +152,7 @@ def make_train_step(run: Run):
     (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(n), batch))
     loss, grads = jax.tree.map(lambda x: x / n, (loss, grads))
     opt.update(model, grads)
-    metrics = {"train_loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": run.schedule(step)}
     return nnx.state((model, opt)), metrics
 

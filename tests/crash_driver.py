@@ -22,8 +22,9 @@ def save(self, step, state, meta):
   if step == step_to_kill and when == "during":
     # Start the write as Orbax does, then die before it is committed.
     import orbax.checkpoint as ocp
+    from flax import nnx
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state.to_pure_dict()), meta=ocp.args.JsonSave(meta)),
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)), meta=ocp.args.JsonSave(meta)),
         force=True)
     os.kill(os.getpid(), signal.SIGKILL)
   original_save(self, step, state, meta)

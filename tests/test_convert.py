@@ -87,7 +87,7 @@ def numpy_gpt2(t, config, ids):
     dict(prefix="", with_buffers=True, tie=False),  # Hub-style names, mask buffers, own head
 ])
 def test_logits_match_numpy_gpt2(tmp_path, layout):
-  seed = int(np.random.randint(1 << 20))
+  seed = 11  # fixed: a failure must reproduce
   tensors, config = write_gpt2(str(tmp_path), seed=seed, **layout)
   model = convert.from_hf_gpt2(str(tmp_path))
   ids = np.random.default_rng(seed).integers(0, config["vocab_size"], (3, 40))
@@ -99,7 +99,7 @@ def test_logits_match_numpy_gpt2(tmp_path, layout):
 
 
 def test_export_import_round_trip_exact(tmp_path):
-  seed = int(np.random.randint(1 << 20))
+  seed = 12  # fixed: a failure must reproduce
   tensors, _ = write_gpt2(str(tmp_path / "a"), seed=seed)
   model = convert.from_hf_gpt2(str(tmp_path / "a"))
   convert.to_hf_gpt2(model, str(tmp_path / "b"))

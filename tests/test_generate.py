@@ -26,7 +26,7 @@ def random_model(seed, **overrides):
   rng = np.random.default_rng(seed)
   pure = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.asarray(rng.normal(path[-1].key == "scale", 0.3, x.shape), jnp.float32),
-      state.to_pure_dict())  # LayerNorm scales near 1, everything else N(0, 0.3)
+      nnx.to_pure_dict(state))  # LayerNorm scales near 1, everything else N(0, 0.3)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
 
@@ -74,7 +74,7 @@ def cached_logits(model, prompts, continuations):
     dict(num_kv_heads=1, positions="learned", use_bias=True),  # MQA, GPT-2-style positions
 ])
 def test_cached_decoding_matches_full_forward(overrides):
-  seed = int(np.random.randint(1 << 20))
+  seed = 21  # fixed: a failure must reproduce
   model = random_model(seed, **overrides)
   rng = np.random.default_rng(seed)
   lengths = [3, 11, 7, 1]
@@ -82,7 +82,7 @@ def test_cached_decoding_matches_full_forward(overrides):
   continuations = rng.integers(0, VOCAB, (len(prompts), 6))
   cache = model.init_cache(len(prompts), 17)
   kv = model.cfg.num_kv_heads or model.cfg.num_heads
-  assert cache[0].k.shape == (len(prompts), 17, kv, model.cfg.head_dim)
+  assert cache[0].k.shape == (len(prompts), kv, 17, model.cfg.head_dim)
   got = cached_logits(model, prompts, continuations)
   for r, (prompt, cont) in enumerate(zip(prompts, continuations)):
     want = full_logits(model, np.concatenate([prompt, cont]))
@@ -99,7 +99,7 @@ def greedy_without_cache(model, prompt, n):
 
 @pytest.mark.parametrize("num_kv_heads", [2])  # MHA: in test_sampling_settings
 def test_greedy_with_and_without_cache_identical(num_kv_heads):
-  seed = int(np.random.randint(1 << 20))
+  seed = 22  # fixed: a failure must reproduce
   model = random_model(seed, num_kv_heads=num_kv_heads)
   rng = np.random.default_rng(seed)
   prompts = [rng.integers(0, VOCAB, n) for n in (5, 2, 9)]
@@ -122,7 +122,7 @@ def nucleus(logits, temperature, top_k, top_p):
 
 
 def test_sampling_settings():
-  seed = int(np.random.randint(1 << 20))
+  seed = 23  # fixed: a failure must reproduce
   model = random_model(seed)
   rng = np.random.default_rng(seed)
   prompts = [rng.integers(0, VOCAB, n) for n in (4, 8)]

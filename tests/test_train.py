@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.conftest import ROOT, run_cli, tiny_config
 
@@ -24,7 +25,7 @@ TINY = ["--config=experiments/base.py", "--config.model.num_layers=2", "--config
 def final_state(workdir):
   from lm import evaluate
   run, state, _, step = evaluate.load(tiny_config(), workdir)
-  return step, jax.tree.map(np.asarray, state.to_pure_dict())
+  return step, jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
 
 def metrics(workdir):
@@ -103,7 +104,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     batch = get_batch(ids, seed=0, step=0, batch_size=8, seq_len=32).reshape(accum, 8 // accum, -1)
     with jax.set_mesh(run.mesh):
       state, m = train.make_train_step(run)(state, train.put_batch(run, batch, run.micro_batch_sharding), 0)
-    results.append((float(m["train_loss"]), jax.tree.map(np.asarray, state.to_pure_dict())))
+    results.append((float(m["train_loss"]), jax.tree.map(np.asarray, nnx.to_pure_dict(state))))
   assert abs(results[0][0] - results[1][0]) < 1e-5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                results[0][1], results[1][1])
