@@ -2,8 +2,10 @@
 
 Command:
   python experiments/run.py --config=experiments/base.py --workdir=runs/base
-Expected on a 2-core CPU (see BUILD_NOTES.md for the measured run): about TBD minutes wall
-time, validation loss about TBD nats/char.
+Expected on a 2-core CPU (measured 2026-11-23, BUILD_NOTES.md): 1 min 50 s wall time, start
+to end (about 80 ms and 9,500 tokens/s per step of 12 x 64 characters); validation loss 1.765
+nats/char at step 1100 (20 eval batches), 1.749 over the whole validation split
+(`--mode=eval`), then two samples that look like a play script.
 Override any field on the command line, e.g. `--config.train.num_steps=200`;
 `--config=experiments/base.py:smoke` is a 30-step run for checking the plumbing.
 Fork it: import this file, call get_config(), change a few fields (see gpt2_small.py).
@@ -47,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.token_dtype = "uint16"  # *.bin only
 
   config.train = train = ml_collections.ConfigDict()
-  train.num_steps = 1200
+  train.num_steps = 1100
   train.batch_size = 12  # global, over all devices and micro-batches
   train.grad_accum = 1
   train.learning_rate = 3e-3

@@ -12,7 +12,7 @@ Fine-tune from a language model instead of training from scratch (the model shap
 tokenizer then come from that checkpoint; its head is replaced by a fresh classifier):
   python experiments/run.py --config=experiments/finetune_classify.py --workdir=runs/genre_ft \
       --config.train.init_from=runs/base --config.data.seq_len=256
-`:smoke` is a 30-step plumbing check. Measured results: USE_NOTES.md / BUILD_NOTES.md.
+`:smoke` is a 30-step plumbing check. Measured results: BUILD_NOTES.md.
 """
 
 import os
