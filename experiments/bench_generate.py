@@ -3,7 +3,7 @@
   python experiments/bench_generate.py --workdir=runs/base [--batch_sizes=1,16]
       [--prompt_len=16] [--max_new_tokens=200] [--temperature=0.8] [--top_k=40]
 Times `generate` after one compiling call (median of --repeats); a prompt of --prompt_len
-tokens from the validation text, every row a copy, no stop token (all max_new_tokens made).
+random token ids, every row a copy, no stop token (all max_new_tokens made).
 Without --workdir it builds experiments/base.py's model with random weights (speed does not
 depend on the weights).
 """

@@ -1,0 +1,45 @@
+"""The benchmarks run end to end on CPU and report numbers (their values are not asserted:
+speed targets live in BUILD_NOTES.md, never in tests)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                        env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_train_benchmark_times_the_real_step():
+  out = _run("experiments/bench_train.py", "--config=experiments/base.py",
+             "--config.model.num_layers=1", "--config.model.d_model=32",
+             "--config.model.d_ff=64", "--config.train.batch_size=4", "--steps=3", "--warmup=1")
+  line = next(l for l in out.splitlines() if l.startswith("throughput"))
+  assert float(line.split()[1].replace(",", "")) > 0
+  assert "over 3 steps" in out and "1 layers, d_model 32" in out
+
+
+def test_generate_benchmark_reports_each_batch_size():
+  out = _run("experiments/bench_generate.py", "--batch_sizes=1,3", "--max_new_tokens=5",
+             "--repeats=1", "--prompt_len=4")
+  report = json.loads(out[out.index("{"):])
+  assert [r["batch"] for r in report["results"]] == [1, 3]
+  assert all(r["tokens_per_s"] > 0 for r in report["results"])
+
+
+def test_kernel_benchmark_on_cpu_says_no_gpu_and_checks_the_kernels(tmp_path):
+  out = _run("kernels/bench.py", "--out", str(tmp_path), "--cpu-repeats=1")
+  assert "No GPU available" in out and "CPU check passed" in out
+  rows = (tmp_path / "cpu_check.csv").read_text().splitlines()
+  assert len(rows) > 1 and "max_rel_err" in rows[0]
