@@ -48,17 +48,19 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
   return sharding.shard_heads(fn, q, k, v, causal=causal, segment_ids=segment_ids)
 
 
-def _scores(q, k):
-  """QK^T/sqrt(d) per query head, grouping query heads over shared K/V heads (no repeat)."""
+def _scores(q, k, kv_layout="bskd"):
+  """QK^T/sqrt(d) per query head, grouping query heads over shared K/V heads (no repeat).
+
+  kv_layout names k's axes: "bskd" ([B, Tk, KVH, D], the model's) or "bksd" (the KV cache's)."""
   b, tq, h, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[kv_layout.index("k")]
   qg = q.reshape(b, tq, kvh, h // kvh, d)
-  s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  s = jnp.einsum(f"bqkgd,{kv_layout}->bkgqs", qg, k, preferred_element_type=jnp.float32)
   return s * (1.0 / jnp.sqrt(d).astype(jnp.float32))
 
 
-def _weighted_values(p, v, out_shape, dtype):
-  out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v)
+def _weighted_values(p, v, out_shape, dtype, kv_layout="bskd"):
+  out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", p.astype(v.dtype), v)
   return out.reshape(out_shape).astype(dtype)
 
 
@@ -87,13 +89,9 @@ def cached_attention(q, k_cache, v_cache, cache_index, valid):
   valid [B, max_len] (nonzero = a real token) hides left padding; later slots are hidden by
   causality, so stale cache contents are never read.
   """
-  b, tq, h, d = q.shape
-  kvh, tk = k_cache.shape[1], k_cache.shape[2]
+  tq, tk = q.shape[1], k_cache.shape[2]
   q_pos = cache_index + jnp.arange(tq)
   mask = (q_pos[:, None] >= jnp.arange(tk)[None, :])[None, None, None]
   mask &= (valid != 0)[:, None, None, None, :]
-  qg = q.reshape(b, tq, kvh, h // kvh, d)
-  s = jnp.einsum("bqkgd,bksd->bkgqs", qg, k_cache, preferred_element_type=jnp.float32)
-  p = _softmax(s * (1.0 / jnp.sqrt(d).astype(jnp.float32)), mask)
-  out = jnp.einsum("bkgqs,bksd->bqkgd", p.astype(v_cache.dtype), v_cache)
-  return out.reshape(q.shape).astype(q.dtype)
+  p = _softmax(_scores(q, k_cache, "bksd"), mask)
+  return _weighted_values(p, v_cache, q.shape, q.dtype, "bksd")
