@@ -12,7 +12,9 @@ Fine-tune from a language model instead of training from scratch (the model shap
 tokenizer then come from that checkpoint; its head is replaced by a fresh classifier):
   python experiments/run.py --config=experiments/finetune_classify.py --workdir=runs/genre_ft \
       --config.train.init_from=runs/base --config.data.seq_len=256
-`:smoke` is a 30-step plumbing check. Measured results: BUILD_NOTES.md.
+`:smoke` is a 30-step plumbing check. Measured (2026-11-23, 2-core CPU, BUILD_NOTES.md):
+from scratch, about 6 min (machine loaded), held-out accuracy 0.325 against a majority
+baseline of 0.201; from the base.py char LM with seq_len 256, 300 steps (about 8 min): 0.209.
 """
 
 import os

