@@ -33,32 +33,35 @@ def check_settings(*, temperature: float, top_k: int, top_p: float, max_new_toke
 
 
 class Mode(NamedTuple):
-  """Which filters the compiled loop applies (static: they cost a sort of the vocabulary per
-  step). Everything else is traced, so a new temperature (0 included), k, p, stop token or
-  seed reuses the compiled loop."""
-  top_k: bool
+  """The static part of the filters. top_k: 0 (off) or the width of the `lax.top_k` that the
+  compiled loop takes, the next power of two >= k (at most the vocabulary), so k=40 and k=50
+  share one compile. top_p: whether the nucleus filter runs. Everything else is traced: a new
+  temperature (0 included), k within the width, p, stop token or seed reuses the loop."""
+  top_k: int
   top_p: bool
 
   @classmethod
-  def of(cls, top_k, top_p) -> "Mode":
-    return cls(top_k > 0, top_p < 1)
+  def of(cls, top_k, top_p, vocab_size: int) -> "Mode":
+    width = min(vocab_size, 1 << max(int(top_k) - 1, 0).bit_length()) if top_k > 0 else 0
+    return cls(width, top_p < 1)
 
 
 def sample_logits(logits, key, temperature, top_k, top_p, mode: Mode | None = None):
   """Next tokens [B] from fp32 logits [B, V]: greedy at temperature 0, else sampling from
   softmax(logits / temperature) restricted to the top_k tokens (0: all), then to the smallest
   set of most likely tokens whose probability reaches top_p (nucleus; 1: all)."""
-  mode = mode or Mode.of(top_k, top_p)
+  mode = mode or Mode.of(top_k, top_p, logits.shape[-1])
   greedy = jnp.argmax(logits, -1).astype(jnp.int32)
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
   if mode.top_k or mode.top_p:
-    v = logits.shape[-1]
-    ranked = -jnp.sort(-scaled, axis=-1)  # descending
+    # The candidates in descending order: the top `width` only (a partial sort), or all.
+    ranked = jax.lax.top_k(scaled, mode.top_k)[0] if mode.top_k else -jnp.sort(-scaled, -1)
+    width = ranked.shape[-1]
     if mode.top_k:
-      k = jnp.clip(jnp.asarray(top_k), 1, v)
+      k = jnp.clip(jnp.asarray(top_k), 1, width)
       kth = jnp.take_along_axis(ranked, jnp.broadcast_to(k - 1, ranked.shape[:-1])[..., None], -1)
       scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-      ranked = jnp.where(jnp.arange(v) < k, ranked, -jnp.inf)
+      ranked = jnp.where(jnp.arange(width) < k, ranked, -jnp.inf)
     if mode.top_p:
       probs = jax.nn.softmax(ranked, -1)
       # Keep a token while the mass before it is under top_p (the top token always stays).
@@ -154,10 +157,10 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   rows = [x for x in prompts for _ in range(num_return_sequences)]
   tokens, valid = left_pad(rows)
   graphdef, state = nnx.split(model)
+  mode = Mode.of(top_k, top_p, model.cfg.vocab_size)
   out, n = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), max_new_tokens,
-                     Mode.of(top_k, top_p), jnp.float32(temperature), jnp.int32(top_k),
-                     jnp.float32(top_p), jnp.int32(-1 if stop_token is None else stop_token),
-                     jax.random.key(seed))
+                     mode, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                     jnp.int32(-1 if stop_token is None else stop_token), jax.random.key(seed))
   out = np.asarray(out)[:, :int(n)]
   results = []
   for r in range(len(rows)):

@@ -166,6 +166,19 @@ def test_sampling_settings():
     assert len(o[1]) == cut
 
 
+def test_top_k_compiles_per_power_of_two_width_and_keeps_exactly_k():
+  Mode = sample_lib.Mode
+  assert Mode.of(40, 1.0, 339) == Mode.of(64, 1.0, 339) == (64, False)
+  assert Mode.of(65, 0.9, 339) == (128, True)
+  assert Mode.of(1000, 1.0, 339).top_k == 339 and Mode.of(0, 1.0, 339).top_k == 0
+  # Close logits: unfiltered, the 6th..10th tokens would be drawn hundreds of times.
+  logits = jnp.asarray(np.random.default_rng(0).permutation(50)[None] * 0.1, jnp.float32)
+  keys = jax.random.split(jax.random.key(1), 3000)
+  draws = jax.vmap(lambda k: sample_lib.sample_logits(logits, k, 1.0, 5, 1.0))(keys)[:, 0]
+  top5 = set(np.argsort(-np.asarray(logits[0]))[:5].tolist())
+  assert set(np.asarray(draws).tolist()) == top5  # width 8 is compiled, 5 are kept
+
+
 def test_sample_logits_top_p_keeps_nucleus():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 2000)
