@@ -212,11 +212,10 @@ def make_eval_step(run: train_lib.Run):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels), logits.argmax(-1)
 
   vec = _vector_sharding(run)
-  return jax.jit(eval_fn, in_shardings=(run.shardings, run.batch_sharding, vec, vec))
-
-
-def _put(run, local, sharding_):
-  return jax.make_array_from_process_local_data(sharding_, local)
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+  # Outputs replicated: every process can fetch all rows (they are a few numbers each).
+  return jax.jit(eval_fn, in_shardings=(run.shardings, run.batch_sharding, vec, vec),
+                 out_shardings=replicated)
 
 
 def evaluate(run, eval_step, state, examples: Examples, tokens, lengths, batch_size: int,
@@ -225,21 +224,18 @@ def evaluate(run, eval_step, state, examples: Examples, tokens, lengths, batch_s
   n = len(lengths)
   if n == 0:
     raise UsageError("no held-out speeches to evaluate on")
-  per = batch_size // jax.process_count()
-  lo = jax.process_index() * per
   vec = _vector_sharding(run)
+  put = train_lib.put_batch
   losses, preds = [], []
   for i in range(0, n, batch_size):
     idx = np.arange(i, i + batch_size)
     real = idx < n
     idx = np.where(real, idx, 0)
     t, l, y = tokens[idx], lengths[idx], examples.labels[idx]
-    loss, pred = eval_step(state, _put(run, t[lo:lo + per], run.batch_sharding),
-                           _put(run, l[lo:lo + per], vec), _put(run, y[lo:lo + per], vec))
-    loss, pred = np.asarray(jax.device_get(loss)), np.asarray(jax.device_get(pred))
-    losses.append(loss[real[:len(loss)]] if jax.process_count() == 1 else loss)
-    preds.append(pred[real[:len(pred)]] if jax.process_count() == 1 else pred)
-  pred, labels = np.concatenate(preds)[:n], examples.labels
+    loss, pred = eval_step(state, put(run, t), put(run, l, vec), put(run, y, vec))
+    losses.append(np.asarray(jax.device_get(loss))[real])
+    preds.append(np.asarray(jax.device_get(pred))[real])
+  pred, labels = np.concatenate(preds), examples.labels
   counts = np.bincount(labels, minlength=len(classes))
   per_class = {c: float((pred[labels == k] == k).mean()) if counts[k] else None
                for k, c in enumerate(classes)}
@@ -271,9 +267,6 @@ def train(config, workdir: str) -> dict:
   tc = config.train
   if tc.grad_accum != 1:
     raise UsageError("classification trains without gradient accumulation (grad_accum=1)")
-  if tc.batch_size % jax.process_count():
-    raise UsageError(f"train.batch_size={tc.batch_size} must divide over "
-                     f"{jax.process_count()} processes")
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   latest = ckpt.latest_step()
   tokenizer = None
@@ -310,8 +303,9 @@ def train(config, workdir: str) -> dict:
   train_step, eval_step = make_train_step(run), make_eval_step(run)
   writer = train_lib.MetricsWriter(workdir)
   vec = _vector_sharding(run)
-  per = tc.batch_size // jax.process_count()
-  lo = jax.process_index() * per
+  train_lib.check_divides_data_parallel(run, batch_size=tc.batch_size,
+                                        eval_batch_size=tc.eval_batch_size)
+  put = train_lib.put_batch  # the global batch; each process feeds its devices' rows
   last_eval, t_log, since = {}, time.time(), 0
   balanced = bool((config.get("classify") or {}).get("balanced", False))
 
@@ -322,10 +316,10 @@ def train(config, workdir: str) -> dict:
   with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh):
     while step < tc.num_steps:
       idx = sample_batch(ds.train.labels, seed=config.seed, step=step,
-                         batch_size=tc.batch_size, balanced=balanced)[lo:lo + per]
-      state, metrics = train_step(
-          state, _put(run, train_tokens[idx], run.batch_sharding),
-          _put(run, train_lengths[idx], vec), _put(run, ds.train.labels[idx], vec), step)
+                         batch_size=tc.batch_size, balanced=balanced)
+      state, metrics = train_step(state, put(run, train_tokens[idx]),
+                                  put(run, train_lengths[idx], vec),
+                                  put(run, ds.train.labels[idx], vec), step)
       step += 1
       since += 1
       if step % tc.log_every == 0 or step == tc.num_steps:

@@ -213,17 +213,16 @@ def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Corp
 
 # --- batches ---------------------------------------------------------------------------------
 
-def get_batch(ids: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
-              process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """This process's rows of the global batch of `step`: int32 [batch_size/processes, seq_len+1].
+def get_batch(ids: np.ndarray, *, seed: int, step: int, batch_size: int,
+              seq_len: int) -> np.ndarray:
+  """The global batch of `step`: int32 [batch_size, seq_len+1] random windows of `ids`.
 
-  The global batch depends only on (seed, step); each process slices its own rows.
+  It depends only on (seed, step), so a resumed run and every process of a multi-host run
+  draw the same one (lm.train.put_batch gives each device its rows).
   """
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(ids) - seq_len, size=batch_size)
-  per = batch_size // process_count
-  mine = starts[process_index * per:(process_index + 1) * per]
-  return np.stack([np.asarray(ids[s:s + seq_len + 1], np.int32) for s in mine])
+  return np.stack([np.asarray(ids[s:s + seq_len + 1], np.int32) for s in starts])
 
 
 def eval_batches(ids: np.ndarray, *, seq_len: int, batch_size: int,

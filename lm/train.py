@@ -172,20 +172,22 @@ def make_eval_step(run: Run):
                  in_shardings=(run.shardings, run.batch_sharding, run.batch_sharding))
 
 
-def put_batch(run: Run, local: np.ndarray, sharding_=None) -> jax.Array:
-  """This process's rows -> one global array sharded over the data-parallel axes."""
-  return jax.make_array_from_process_local_data(sharding_ or run.batch_sharding, local)
+def put_batch(run: Run, batch: np.ndarray, sharding_=None) -> jax.Array:
+  """The global batch (the same numpy array on every process) -> one array sharded over the
+  data-parallel axes. Each process hands its devices exactly the rows they hold, whatever the
+  mesh's device order (tensor or FSDP axes may span hosts)."""
+  return jax.make_array_from_callback(batch.shape, sharding_ or run.batch_sharding,
+                                      lambda index: batch[index])
 
 
 def evaluate(run: Run, eval_step, state, corpus: data_lib.Corpus, batch_size: int,
              max_batches: int | None = None) -> dict:
   """Validation loss (nats/token), perplexity and bits per byte over (part of) the split."""
+  check_divides_data_parallel(run, eval_batch_size=batch_size)
   total, count = 0.0, 0.0
-  per = batch_size // jax.process_count()
-  lo = jax.process_index() * per
   for tokens, weights in data_lib.eval_batches(corpus.val, seq_len=run.config.data.seq_len,
                                                batch_size=batch_size, max_batches=max_batches):
-    s, c = eval_step(state, put_batch(run, tokens[lo:lo + per]), put_batch(run, weights[lo:lo + per]))
+    s, c = eval_step(state, put_batch(run, tokens), put_batch(run, weights))
     total, count = total + float(s), count + float(c)
   loss = total / max(count, 1.0)
   out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count)}
@@ -241,14 +243,25 @@ def write_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def check_divides_data_parallel(run: Run, **sizes) -> None:
+  """Batch dimensions must split evenly over the data-parallel devices (data x fsdp)."""
+  spec = run.batch_sharding.spec[0]
+  axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+  ways = math.prod(run.mesh.shape[a] for a in axes)
+  for name, size in sizes.items():
+    if size % ways:
+      raise UsageError(f"{name}={size} does not split evenly over the {ways} data-parallel "
+                       f"devices (mesh {' x '.join(axes)})")
+
+
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last evaluation's metrics."""
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   tc = config.train
-  if tc.batch_size % (tc.grad_accum * jax.process_count()):
+  if tc.batch_size % tc.grad_accum:
     raise UsageError(f"train.batch_size={tc.batch_size} must divide evenly into grad_accum="
-                     f"{tc.grad_accum} micro-batches across {jax.process_count()} processes")
+                     f"{tc.grad_accum} micro-batches")
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
   latest = ckpt.latest_step()
   tokenizer = None
@@ -280,8 +293,8 @@ def train(config, workdir: str) -> dict:
   meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_json(), "seed": config.seed}
   train_step, eval_step = make_train_step(run), make_eval_step(run)
   writer = MetricsWriter(workdir)
-  per_proc = tc.batch_size // jax.process_count()
-  micro = per_proc // tc.grad_accum
+  micro = tc.batch_size // tc.grad_accum
+  check_divides_data_parallel(run, micro_batch_size=micro)
   tokens_per_step = tc.batch_size * config.data.seq_len
   flops = flops_per_token(run.model_cfg, config.data.seq_len) * tokens_per_step
   last_eval, t_log, steps_since_log = {}, time.time(), 0
@@ -291,11 +304,10 @@ def train(config, workdir: str) -> dict:
 
   with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh):
     while step < tc.num_steps:
-      local = data_lib.get_batch(corpus.train, seed=config.seed, step=step,
-                                 batch_size=tc.batch_size, seq_len=config.data.seq_len,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-      batch = put_batch(run, local.reshape(tc.grad_accum, micro, -1), run.micro_batch_sharding)
+      # Every process draws the whole (small) global batch; put_batch hands out the rows.
+      batch = data_lib.get_batch(corpus.train, seed=config.seed, step=step,
+                                 batch_size=tc.batch_size, seq_len=config.data.seq_len)
+      batch = put_batch(run, batch.reshape(tc.grad_accum, micro, -1), run.micro_batch_sharding)
       state, metrics = train_step(state, batch, step)
       step += 1
       steps_since_log += 1

@@ -79,16 +79,13 @@ def test_bad_data_raises_one_clear_error(tmp_path, make, message):
     data.load_corpus(data_cfg(path=make(tmp_path)))
 
 
-def test_batches_depend_only_on_seed_and_step_and_split_across_processes():
+def test_batches_depend_only_on_seed_and_step():
   ids = np.arange(10_000, dtype=np.int32)
   b = data.get_batch(ids, seed=3, step=7, batch_size=8, seq_len=16)
   assert b.shape == (8, 17)
   np.testing.assert_array_equal(b[:, 1:], b[:, :-1] + 1)  # contiguous windows
   np.testing.assert_array_equal(b, data.get_batch(ids, seed=3, step=7, batch_size=8, seq_len=16))
   assert not np.array_equal(b, data.get_batch(ids, seed=3, step=8, batch_size=8, seq_len=16))
-  halves = [data.get_batch(ids, seed=3, step=7, batch_size=8, seq_len=16, process_index=i,
-                           process_count=2) for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate(halves), b)
 
 
 def test_eval_batches_score_every_target_exactly_once():

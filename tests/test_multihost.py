@@ -1,9 +1,11 @@
 """Multi-process training with jax.distributed on localhost (CPU collectives over gloo).
 
 Two processes of experiments/run.py with 2 fake CPU devices each form one 4-device job
-(mesh fsdp=2 x tensor=2); one process with 4 devices runs the same config. Both run at once.
-They must log the same losses, only process 0 may write metrics and log, and the checkpoint
-the two processes wrote together must restore in this single-device process.
+(mesh fsdp=2 x tensor=2); one process with 4 devices runs the same config. A second pair of
+processes runs tensor=4, so tensor parallelism spans both "hosts" and each process must feed
+its devices the whole (replicated) batch. All run at once. They must log the same losses,
+only process 0 may write metrics and log, and the checkpoint the two processes wrote
+together must restore in this single-device process.
 """
 
 import json
@@ -40,10 +42,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, devices, *extra):
+def _launch(workdir, devices, *extra, **overrides):
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **overrides}.items()]
   return subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "experiments", "run.py"),
        "--config=experiments/base.py", f"--workdir={workdir}", *args, *extra],
@@ -53,13 +55,18 @@ def _launch(workdir, devices, *extra):
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multihost")
-  address = f"localhost:{_free_port()}"
+  address, address_tp = f"localhost:{_free_port()}", f"localhost:{_free_port()}"
+  tp = {"mesh.fsdp": 1, "mesh.tensor": 4}
   procs = {
       "p0": _launch(tmp / "two", 2, f"--coordinator_address={address}", "--num_processes=2",
                     "--process_id=0"),
       "p1": _launch(tmp / "two", 2, f"--coordinator_address={address}", "--num_processes=2",
                     "--process_id=1"),
       "one": _launch(tmp / "one", 4),
+      "tp0": _launch(tmp / "two_tp", 2, f"--coordinator_address={address_tp}",
+                     "--num_processes=2", "--process_id=0", **tp),
+      "tp1": _launch(tmp / "two_tp", 2, f"--coordinator_address={address_tp}",
+                     "--num_processes=2", "--process_id=1", **tp),
   }
   logs = {}
   try:
@@ -89,6 +96,14 @@ def test_two_processes_train_like_one(jobs):
   np.testing.assert_allclose(val(two), val(one), rtol=2e-6, atol=0)
   assert losses(two)[-1] < losses(two)[0]
   assert "4 devices" in logs["p0"] and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in logs["p0"]
+
+
+def test_tensor_parallelism_across_processes_trains_like_one(jobs):
+  tmp, logs = jobs
+  losses = lambda m: [r["train_loss"] for r in m if "train_loss" in r]
+  np.testing.assert_allclose(losses(_metrics(tmp / "two_tp")), losses(_metrics(tmp / "one")),
+                             rtol=1e-5, atol=0)
+  assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 4}" in logs["tp0"]
 
 
 def test_only_process_0_logs_and_writes_metrics(jobs):

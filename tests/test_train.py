@@ -116,3 +116,17 @@ def test_training_never_imports_torch(tmp_path):
   out = train.train(config, str(tmp_path))
   assert out["step"] == 2 and np.isfinite(out["val_loss"])
   assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+
+
+def test_batch_sizes_must_split_over_the_data_parallel_devices():
+  import types
+  from jax.sharding import PartitionSpec as P
+  from lm import train
+  from lm.errors import UsageError
+  mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 3, "tensor": 2})
+  run = types.SimpleNamespace(mesh=mesh,
+                              batch_sharding=types.SimpleNamespace(spec=P(("data", "fsdp"), None)))
+  train.check_divides_data_parallel(run, micro_batch_size=12, eval_batch_size=6)  # 6-way: fine
+  with pytest.raises(UsageError, match=r"eval_batch_size=8 does not split evenly over the 6 "
+                                       r"data-parallel devices \(mesh data x fsdp\)"):
+    train.check_divides_data_parallel(run, micro_batch_size=12, eval_batch_size=8)
