@@ -224,6 +224,7 @@ def evaluate(run, eval_step, state, examples: Examples, tokens, lengths, batch_s
   n = len(lengths)
   if n == 0:
     raise UsageError("no held-out speeches to evaluate on")
+  train_lib.check_divides_data_parallel(run, eval_batch_size=batch_size)
   vec = _vector_sharding(run)
   put = train_lib.put_batch
   losses, preds = [], []
@@ -303,8 +304,7 @@ def train(config, workdir: str) -> dict:
   train_step, eval_step = make_train_step(run), make_eval_step(run)
   writer = train_lib.MetricsWriter(workdir)
   vec = _vector_sharding(run)
-  train_lib.check_divides_data_parallel(run, batch_size=tc.batch_size,
-                                        eval_batch_size=tc.eval_batch_size)
+  train_lib.check_divides_data_parallel(run, batch_size=tc.batch_size)
   put = train_lib.put_batch  # the global batch; each process feeds its devices' rows
   last_eval, t_log, since = {}, time.time(), 0
   balanced = bool((config.get("classify") or {}).get("balanced", False))
