@@ -51,15 +51,14 @@ def main(_):
   times = []
   with jax.set_mesh(run.mesh):
     batches = [train_lib.put_batch(run, b, run.micro_batch_sharding) for b in batches]
-    t0 = time.perf_counter()
-    for i in range(_WARMUP.value + _STEPS.value):
+    for i in range(max(_WARMUP.value, 1) + _STEPS.value):  # step 0 (compiles) is never timed
       t = time.perf_counter()
       state, metrics = step_fn(state, batches[i % 2], i)
       jax.block_until_ready((state, metrics))
-      if i >= _WARMUP.value:
+      if i == 0:
+        compile_s = time.perf_counter() - t
+      elif i >= _WARMUP.value:
         times.append(time.perf_counter() - t)
-      elif i == 0:
-        compile_s = time.perf_counter() - t0
   dt = float(np.median(times))
   tokens = tc.batch_size * config.data.seq_len
   n = sum(x.size for x in jax.tree.leaves(state))  # params + optimizer moments
