@@ -52,7 +52,7 @@ _SPEAKER = re.compile(r"^[A-Z][A-Z0-9 ,.'&-]*:$")  # 'HAMLET:', 'FIRST CITIZEN:'
 def speeches(text: str) -> list[str]:
   """The speeches of a cleaned play: the lines after each 'NAME:' line up to a blank line."""
   out, current = [], None
-  for line in text.splitlines():
+  for line in text.split("\n"):  # not splitlines(): U+2028 etc. inside a line stay there
     stripped = line.strip()
     if _SPEAKER.match(stripped):
       if current:

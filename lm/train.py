@@ -46,13 +46,53 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   return cfg
 
 
+# Weight decay by what a parameter is (lm/model.py's names), never by its shape: the weight
+# matrices of dense layers and the embeddings are decayed; norm scales and biases are not, even
+# the attention biases bq/bk/bv of shape [heads, head_dim]. A new name must be added to one set.
+DECAYED = frozenset({"embed", "pos_embed", "head", "cls_head",  # embeddings, output heads
+                     "wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out"})  # dense layers
+NOT_DECAYED = frozenset({"scale", "bias",  # LayerNorm
+                         "bq", "bk", "bv", "bo", "b_in", "b_out", "cls_bias"})  # biases
+
+
+def decays_weight(path) -> bool:
+  """Whether AdamW decays the parameter at `path` (a pytree key path or a tuple of names).
+
+  Decided by the parameter's own name, the last string key of the path (nnx's trailing
+  `.value` skipped); raises ValueError for a name in neither DECAYED nor NOT_DECAYED.
+  """
+  names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+  name = next(n for n in reversed(names) if isinstance(n, str) and n != "value")
+  if name in DECAYED:
+    return True
+  if name in NOT_DECAYED:
+    return False
+  raise ValueError(f"weight decay: parameter {'/'.join(map(str, names))} is in neither "
+                   f"DECAYED nor NOT_DECAYED of lm/train.py")
+
+
+def lr_schedule(train_cfg) -> optax.Schedule:
+  """Learning rate of update `step` (0 = the first): peak * (step + 1) / (warmup + 1) during
+  warmup, as nanoGPT (the first update is not wasted at lr 0), the peak exactly at
+  step = warmup_steps, then a cosine to min_lr_ratio * peak at step = num_steps (and after)."""
+  peak, warmup = train_cfg.learning_rate, train_cfg.warmup_steps
+  end = peak * train_cfg.min_lr_ratio
+  decay_steps = max(train_cfg.num_steps - warmup, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, peak * (step + 1.0) / (warmup + 1.0), cosine)
+  return schedule
+
+
 def make_optimizer(train_cfg):
-  """AdamW with linear warmup, cosine decay and global-norm clipping; no decay on norms/biases."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps,
-      decay_steps=max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
-      end_value=train_cfg.learning_rate * train_cfg.min_lr_ratio)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  """(AdamW with lr_schedule and global-norm clipping, the schedule); weight decay only on the
+  parameters decays_weight names (dense matrices and embeddings, not norms or biases)."""
+  schedule = lr_schedule(train_cfg)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: decays_weight(path), params)
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2,

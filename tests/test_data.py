@@ -1,5 +1,7 @@
 """Tokenizers, corpora, splits and deterministic batches."""
 
+import json
+
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -94,3 +96,130 @@ def test_eval_batches_score_every_target_exactly_once():
   for tokens, weights in data.eval_batches(ids, seq_len=64, batch_size=4):
     seen.extend(tokens[:, 1:][weights > 0].tolist())
   assert sorted(seen) == list(range(1, 1001))
+
+
+# --- issue 11: Unicode line separators, lone surrogates, pre-tokenized files ------------------
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+  """U+2028/U+2029/U+0085 and the other str.splitlines() breaks are legal unescaped inside JSON
+  strings; each document reads back exactly. Old code split on them: "not valid JSON"."""
+  texts = [f"first line\u2028same document number {i}" for i in range(3)] + [
+      "para\u2029graph", "next\x85line", "form\x0cfeed\x0bvtab\x1cfs\x1dgs\x1ers"]
+  lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(("\n".join(lines[:-1]) + "\r\n" + lines[-1] + "\n").encode("utf-8"))
+  docs = data.documents(data_cfg(path=str(path)))
+  assert docs == [(f"{path}:{n}", t) for n, t in enumerate(texts, 1)]
+
+
+def test_line_separators_inside_a_line_of_a_play_stay_in_it():
+  """clean_play and classify.speeches split lines on "\\n" only (old: splitlines broke them)."""
+  from lm import classify
+  play = "**HAMLET**\nTo be,\u2028or not\x85to be\n"
+  assert data.clean_play(play) == "HAMLET:\nTo be,\u2028or not\x85to be\n"
+  assert classify.speeches(data.clean_play(play)) == ["To be,\u2028or not\x85to be"]
+
+
+BPE = tokenizers.BPETokenizer.train(["the cat sat on the mat"] * 20, 300)
+
+
+@pytest.mark.parametrize("tok", [tokenizers.ByteTokenizer(), tokenizers.CharTokenizer.train("ab"),
+                                 BPE], ids=["byte", "char", "bpe"])
+def test_lone_surrogates_encode_as_replacement_characters(tok, caplog):
+  """Old code: UnicodeEncodeError (byte, char) or TypeError (bpe)."""
+  fffd = list("\ufffd".encode("utf-8"))  # EF BF BD, written out independently below
+  assert fffd == [0xEF, 0xBF, 0xBD]
+  with caplog.at_level("WARNING"):
+    ids = tok.encode("a\udc80b\ud83d")
+  assert "2 invalid character(s)" in caplog.text
+  if tok.kind == "byte":
+    assert list(ids) == [ord("a"), *fffd, ord("b"), *fffd]
+  elif tok.kind == "char":
+    assert list(ids) == [256, *fffd, 257, *fffd]
+  assert tok.decode(ids) == "a\ufffdb\ufffd"
+  np.testing.assert_array_equal(ids, tok.encode("a\ufffdb\ufffd"))
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_lone_surrogates_in_jsonl_become_replacement_characters(tmp_path, kind):
+  """A cut emoji (legal JSON) no longer ends load_corpus in a UnicodeEncodeError."""
+  texts = [f"emoji cut in half \ud83d here, document {i}" for i in range(12)]
+  path = tmp_path / "s.jsonl"
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))  # as "\ud83d" escapes
+  want = [t.replace("\ud83d", "\ufffd") for t in texts]
+  docs = data.documents(data_cfg(path=str(path)))
+  assert [t for _, t in docs] == want
+  c = data.load_corpus(data_cfg(path=str(path), tokenizer=kind, vocab_size=280, seq_len=4))
+  train, val = data.split_documents(docs, 0.1)
+  assert c.tokenizer.decode(c.train) == "\n\n".join(train)
+  assert c.tokenizer.decode(c.val) == "\n\n".join(val)
+  assert c.val_bytes == len("\n\n".join(val).encode("utf-8"))
+
+
+def test_a_few_undecodable_bytes_in_a_text_file_become_replacement_characters(tmp_path):
+  """Same policy as lone surrogates (one U+FFFD per byte); a file with more than 1 in 1000
+  undecodable bytes is in another encoding and still refused (previous test, "not valid UTF-8").
+  Old code refused any file with a single bad byte."""
+  text = "hello world\n" * 500
+  (tmp_path / "a.txt").write_bytes(text.encode() + b"caf\xe9 \xff\xfe!\n" + text.encode())
+  docs = data.documents(data_cfg(path=str(tmp_path / "a.txt")))
+  assert docs == [(str(tmp_path / "a.txt"), text + "caf\ufffd \ufffd\ufffd!\n" + text)]
+
+
+def test_undecodable_bytes_of_a_command_line_prompt_become_replacement_characters():
+  """Python hands argv's undecodable bytes over as U+DC80..U+DCFF; the prompt is cleaned once
+  and printed back exactly (old code: UnicodeEncodeError)."""
+  from flax import nnx
+  from lm import sample
+  from lm.model import ModelConfig, Transformer
+  model = Transformer(ModelConfig(vocab_size=256, num_layers=1, d_model=16, num_heads=2,
+                                  max_seq_len=16), nnx.Rngs(0))
+  cfg = ConfigDict({"prompt": "", "max_new_tokens": 3, "temperature": 0.0, "top_k": 0,
+                    "top_p": 1.0, "num_samples": 1, "seed": 0})
+  prompt = b"caf\xe9!".decode("utf-8", "surrogateescape")  # as sys.argv carries it
+  (out,) = sample.sample_text(model, tokenizers.ByteTokenizer(), cfg, prompt)
+  assert out.startswith("caf\ufffd!") and out.encode("utf-8")
+
+
+# Pre-tokenized files: every id in [0, vocab), over the whole file.
+
+@pytest.mark.parametrize("write,tokenizer,message", [
+    # the issue's cases, each with its offset in the training part (old code: NaN / garbage)
+    (lambda p: np.save(p / "t.npy", np.where(np.arange(2000) == 3, 60000, np.arange(2000) % 256)
+                       .astype(np.uint16)), "byte",
+     r"t.npy: token id 60000 at offset 3 is outside the vocabulary \[0, 256\)"),
+    (lambda p: np.save(p / "t.npy", np.where(np.arange(2000) == 500, -1, np.arange(2000) % 256)
+                       .astype(np.int32)), "byte", r"token id -1 at offset 500 is outside"),
+    (lambda p: (np.arange(2000) % 256).astype(np.uint32).tofile(p / "t.bin"), "byte",
+     r"every id at an odd offset is 0.*token_dtype=uint16.*\(uint32\?\)"),
+    # the same kind: non-integer dtypes, lengths that no uint16 file has
+    (lambda p: np.save(p / "t.npy", np.arange(2000, dtype=np.float32) % 256), "byte",
+     r"integer token ids .* got float32\[2000\]"),
+    (lambda p: np.save(p / "t.npy", np.ones(2000, bool)), "byte", "integer token ids"),
+    (lambda p: (p / "t.bin").write_bytes(bytes(2001)), "byte",
+     "2001 bytes is not a whole number of uint16 ids"),
+])
+def test_bad_token_files_raise_one_clear_error(tmp_path, write, tokenizer, message):
+  write(tmp_path)
+  path = str(next(tmp_path.glob("t.*")))
+  with pytest.raises(UsageError, match=message):
+    data.load_corpus(data_cfg(path=path, tokenizer=tokenizer))
+
+
+def test_token_ids_are_checked_over_the_whole_file_in_chunks(tmp_path, monkeypatch):
+  """The first bad id is found far past the first chunk (old code looked at the validation
+  part's first 2**20 ids only), and a wider file read with the right dtype loads exactly."""
+  monkeypatch.setattr(data, "CHECK_CHUNK", 64)
+  ids = np.arange(5000, dtype=np.uint32) % 256
+  ids.tofile(tmp_path / "ok.bin")
+  c = data.load_corpus(data_cfg(path=str(tmp_path / "ok.bin"), tokenizer="byte",
+                                token_dtype="uint32"))
+  np.testing.assert_array_equal(np.concatenate([c.train, c.val]), ids)
+  ids[[3001, 4000]] = 256
+  ids.tofile(tmp_path / "bad.bin")
+  with pytest.raises(UsageError, match="token id 256 at offset 3001 is outside"):
+    data.load_corpus(data_cfg(path=str(tmp_path / "bad.bin"), tokenizer="byte",
+                              token_dtype="uint32"))
+  with pytest.raises(UsageError, match="token_dtype='float32' is not an integer dtype"):
+    data.load_corpus(data_cfg(path=str(tmp_path / "ok.bin"), tokenizer="byte",
+                              token_dtype="float32"))

@@ -130,3 +130,100 @@ def test_batch_sizes_must_split_over_the_data_parallel_devices():
   with pytest.raises(UsageError, match=r"eval_batch_size=8 does not split evenly over the 6 "
                                        r"data-parallel devices \(mesh data x fsdp\)"):
     train.check_divides_data_parallel(run, micro_batch_size=12, eval_batch_size=8)
+
+
+# --- issue 11: schedule start and the weight-decay mask --------------------------------------
+
+def schedule_cfg(**kw):
+  from ml_collections import ConfigDict
+  return ConfigDict({"learning_rate": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
+                     "num_steps": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
+                     "grad_clip": 1.0, **kw})
+
+
+@pytest.mark.parametrize("warmup,num_steps", [(10, 100), (1, 7), (0, 50)])
+def test_lr_schedule_starts_above_zero_peaks_after_warmup_and_ends_at_min(warmup, num_steps):
+  """Old code: lr 0 on the first update (its gradients thrown away)."""
+  import math
+  from lm import train
+  peak, ratio = 3e-3, 0.1
+  schedule = train.lr_schedule(schedule_cfg(warmup_steps=warmup, num_steps=num_steps))
+
+  def oracle(s):  # nanoGPT's get_lr, in float64
+    if s < warmup:
+      return peak * (s + 1) / (warmup + 1)
+    t = min((s - warmup) / (num_steps - warmup), 1.0)
+    return peak * ratio + 0.5 * (1 + math.cos(math.pi * t)) * (peak - peak * ratio)
+
+  first = peak / (warmup + 1) if warmup else peak
+  assert float(schedule(0)) == pytest.approx(first, rel=1e-6) and first > 0
+  if warmup:
+    assert float(schedule(warmup - 1)) == pytest.approx(peak * warmup / (warmup + 1), rel=1e-6)
+  assert float(schedule(warmup)) == pytest.approx(peak, rel=1e-6)  # the peak ends warmup
+  assert float(schedule(num_steps)) == pytest.approx(peak * ratio, rel=1e-6)
+  for s in range(num_steps + 5):
+    assert float(schedule(s)) == pytest.approx(oracle(s), rel=1e-5), s
+
+
+def model_families():
+  """Every model configuration the project has, shrunk to tiny widths: the experiment configs
+  (base.py: rope/SwiGLU/tied; gpt2_small.py: learned positions, GELU, biases; the classifier),
+  and the variants: untied head, GQA, post-LN."""
+  import importlib
+  from lm.model import ModelConfig
+  families = {}
+  for name, extra in (("base", {}), ("gpt2_small", {}), ("finetune_classify", {"num_classes": 3}),
+                      ("base", {"tie_embeddings": False, "use_bias": True}),
+                      ("gpt2_small", {"num_kv_heads": 2, "tie_embeddings": False}),
+                      ("base", {"norm": "post", "num_kv_heads": 1})):
+    model = dict(importlib.import_module(f"experiments.{name}").get_config().model)
+    model.update(num_layers=2, num_heads=4, d_model=16, d_ff=24, max_seq_len=8, **extra)
+    families[f"{name}{extra}"] = ModelConfig.from_config(model, vocab_size=11)
+  return families
+
+
+@pytest.mark.parametrize("family", list(model_families()))
+def test_first_update_and_weight_decay_of_every_parameter(family):
+  """One AdamW update against a float64 oracle, parameter by parameter: the first step moves
+  every parameter by lr_0 = peak/(warmup+1), and weight decay acts exactly on the weight
+  matrices and embeddings: never norms or biases (bq/bk/bv are [heads, head_dim]), whatever
+  their rank. Old code: lr_0 = 0 (nothing moved); with only the schedule fixed, the ndim >= 2
+  mask still fails here on bq/bk/bv (checked)."""
+  from lm import train
+  from lm.model import Transformer
+  cfg = model_families()[family]
+  model = Transformer(cfg, nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  # Random values everywhere, as in a converted GPT-2: zero-initialised biases hide decay.
+  params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  tcfg = schedule_cfg(weight_decay=0.5, grad_clip=1e9, warmup_steps=4)
+  tx, _ = train.make_optimizer(tcfg)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr0 = 3e-3 / 5
+
+  def is_norm_or_bias(path):  # the oracle's own rule: LayerNorm modules and b*-named leaves
+    names = [str(getattr(k, "key", k)) for k in path]
+    return any(n.startswith("ln") for n in names) or names[-1].startswith("b") \
+        or names[-1].endswith("bias")
+
+  names = set()
+  for (path, p), g, u in zip(leaves, jax.tree.leaves(grads), jax.tree.leaves(updates)):
+    g, p = np.float64(g), np.float64(p)
+    adam = g / (np.abs(g) + 1e-8)  # m_hat / (sqrt(v_hat) + eps) at the first step
+    decay = 0.0 if is_norm_or_bias(path) else 0.5 * p
+    np.testing.assert_allclose(u, -lr0 * (adam + decay), rtol=1e-5, atol=1e-9,  # f32 rounding
+                               err_msg=jax.tree_util.keystr(path))
+    names.add(str(path[-1].key))
+  if cfg.use_bias:  # the case that matters: rank-2 biases exist and were checked above
+    assert {"bq", "bk", "bv"} <= names and params["blocks"][0]["attn"]["bq"].ndim == 2
+
+
+def test_weight_decay_refuses_a_parameter_it_does_not_know():
+  from lm import train
+  assert train.decays_weight(("blocks", 0, "attn", "wq")) is True
+  assert train.decays_weight(("blocks", 0, "attn", "bq")) is False
+  with pytest.raises(ValueError, match="blocks/0/new_thing is in neither DECAYED nor"):
+    train.decays_weight(("blocks", 0, "new_thing"))
