@@ -77,6 +77,18 @@ def test_bad_data(tmp_path, name, content, fragment):
   assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(tmp_path / "w" / "checkpoints")
 
 
+def test_a_token_id_outside_the_vocabulary_is_one_line_not_nan(tmp_path):
+  """Issue 11: the old code trained on it and logged train_loss=nan at the first step."""
+  import numpy as np
+  ids = (np.arange(3000) % 256).astype(np.uint16)
+  ids[3] = 60000
+  np.save(tmp_path / "ids.npy", ids)
+  proc = run_cli(*TINY, f"--config.data.path={tmp_path / 'ids.npy'}",
+                 "--config.data.tokenizer=byte", f"--workdir={tmp_path / 'w'}")
+  assert_one_line_error(proc, "ids.npy: token id 60000 at offset 3 is outside the vocabulary")
+  assert "nan" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_resuming_with_a_different_model_shape_fails_and_keeps_the_checkpoint(tmp_path):
   assert run_cli(*TINY, f"--workdir={tmp_path}").returncode == 0
