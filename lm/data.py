@@ -224,10 +224,11 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, path: str, *, declared: st
     odd_nonzero = odd_nonzero or bool(chunk[1::2].any())
     even_nonzero = even_nonzero or bool(chunk[0::2].any())
   if declared and even_nonzero and not odd_nonzero and len(ids) > 2:
-    wider = np.dtype(f"{ids.dtype.kind}{2 * ids.dtype.itemsize}").name
+    size = ids.dtype.itemsize
+    wider = f" ({np.dtype(f'{ids.dtype.kind}{2 * size}').name}?)" if size <= 4 else ""
     raise UsageError(f"{path}: every id at an odd offset is 0, as when a file of a wider dtype "
                      f"is read as data.token_dtype={declared}: set it to the dtype the file was "
-                     f"written with ({wider}?)")
+                     f"written with{wider}")
 
 
 def _token_dtype(name: str, path: str) -> np.dtype:

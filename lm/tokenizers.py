@@ -1,6 +1,6 @@
 """Tokenizers: byte-level, character-level (with byte fallback) and BPE files.
 
-Every tokenizer round-trips any string exactly: `decode(encode(s)) == s`.
+Every tokenizer round-trips any valid Unicode string exactly: `decode(encode(s)) == s`.
 - byte: ids are the UTF-8 bytes (vocab 256); needs no training.
 - char: ids 0..255 are UTF-8 bytes, 256.. the characters seen in the training text. A
   character outside that vocabulary falls back to its UTF-8 bytes, so nothing is lost.
