@@ -1,0 +1,93 @@
+"""Properties that exact-reference tests cannot see (issue 20): the sampled distribution
+itself, the exact value of every reported metric, dropout keys, batches across processes and
+accumulated gradients compared directly.
+
+Each test says how it was checked to fail: the code was broken once, the test run and seen to
+fail, and the code restored.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lm import sample as sample_lib
+from tests.conftest import ROOT, tiny_config
+
+# ---------------------------------------------------------------- sampling distributions
+
+DRAWS = 20_000
+# Per-bin false-alarm probability; with < 100 bins in all, a correct sampler fails this test
+# with probability < 1e-6 (and the seed is fixed anyway, so it either always passes or not).
+DELTA = 1e-8
+
+
+def binomial_bound(n: int, p: float, delta: float = DELTA) -> float:
+  """t with P(|X - n p| >= t) <= delta for X ~ Binomial(n, p): Bernstein's inequality
+  2 exp(-t^2 / (2 (n p (1 - p) + t / 3))) = delta solved for t (rigorous, no normal
+  approximation, so it also holds for the rare tokens)."""
+  a = math.log(2 / delta)
+  return a / 3 + math.sqrt((a / 3) ** 2 + 2 * a * n * p * (1 - p))
+
+
+def filtered_distribution(logits, temperature, top_k, top_p):
+  """float64 numpy: softmax(logits / T) restricted to the top_k tokens, renormalised, then to
+  the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+  p = np.exp(logits / temperature - np.max(logits / temperature))
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  keep = np.zeros(len(p), bool)
+  keep[order[:top_k or len(p)]] = True
+  p = np.where(keep, p, 0.0) / p[keep].sum()
+  before = np.cumsum(p[order]) - p[order]  # mass of the tokens ranked above each one
+  # The nucleus edge must not be within float32 rounding of top_p (fixed logits: checked once).
+  assert top_p == 1 or np.min(np.abs(before - top_p)) > 1e-3
+  keep = np.zeros(len(p), bool)
+  keep[order[before < top_p]] = True
+  return np.where(keep, p, 0.0) / p[keep].sum()
+
+
+def worst_excess(counts, probs):
+  """max over bins of |count - n p| / bound (> 1: the counts do not come from probs); a token of
+  probability 0 drawn even once counts as infinite."""
+  n = counts.sum()
+  if np.any(counts[probs == 0] > 0):
+    return np.inf
+  return max(abs(c - n * p) / binomial_bound(n, p) for c, p in zip(counts, probs) if p > 0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (0.5, 0, 1.0), (2.0, 0, 1.0),  # plain temperature, both sides of 1
+    (1.7, 3, 1.0),  # top-k (a compiled width of 4 keeps 3)
+    (0.8, 0, 0.7),  # nucleus
+    (1.3, 6, 0.85),  # both
+])
+def test_sampled_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
+  """20,000 draws from fixed logits, one jitted vmap over keys, against the numpy
+  distribution; every bin within a Bernstein bound at false-alarm 1e-8.
+
+  The test also checks that it could tell softmax(logits / T^2) (temperature applied twice)
+  apart. Checked to fail (break, run, revert): a second `scaled = scaled / temperature` in
+  sample_logits fails all five cases; ranking the candidates on the unscaled logits fails the
+  three filtered cases; a nucleus over the top-k width without renormalising to the k kept
+  tokens fails the combined case."""
+  logits = np.random.default_rng(5).normal(0, 1.5, 10)
+  keys = jax.random.split(jax.random.key(17), DRAWS)
+  draw = jax.jit(jax.vmap(lambda k: sample_lib.sample_logits(
+      jnp.asarray(logits[None], jnp.float32), k, jnp.float32(temperature), jnp.int32(top_k),
+      jnp.float32(top_p), sample_lib.Mode.of(top_k, top_p, len(logits)))[0]))
+  counts = np.bincount(np.asarray(draw(keys)), minlength=len(logits))
+  expected = filtered_distribution(logits, temperature, top_k, top_p)
+  assert worst_excess(counts, expected) <= 1.0, (counts / DRAWS, expected)
+  # Power: these counts reject the temperature applied twice.
+  assert worst_excess(counts, filtered_distribution(logits, temperature ** 2, top_k, top_p)) > 1
