@@ -91,3 +91,82 @@ def test_sampled_frequencies_match_the_filtered_softmax(temperature, top_k, top_
   assert worst_excess(counts, expected) <= 1.0, (counts / DRAWS, expected)
   # Power: these counts reject the temperature applied twice.
   assert worst_excess(counts, filtered_distribution(logits, temperature ** 2, top_k, top_p)) > 1
+
+
+# ---------------------------------------------------------------- metric values
+
+
+def bigram_state(run, seed: int):
+  """Train state whose model is a bigram table: every block's residual outputs (attention wo,
+  MLP w_out) are zero, so the logits of token t are LN(embed[t]) @ head, which numpy can
+  compute (`bigram_logits`). Large random embed/head/ln_f make the logits far from uniform."""
+  from lm import train
+  state = train.init_state(run, seed)
+  pure = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(seed)
+  for block in pure[0]["blocks"].values():
+    block["attn"]["wo"] = jnp.zeros_like(block["attn"]["wo"])
+    block["mlp"]["w_out"] = jnp.zeros_like(block["mlp"]["w_out"])
+  for name in ("embed", "head"):
+    pure[0][name] = jnp.asarray(rng.normal(0, 1.0, pure[0][name].shape), jnp.float32)
+  pure[0]["ln_f"] = {"scale": jnp.asarray(rng.normal(1, 0.3, run.model_cfg.d_model), jnp.float32),
+                     "bias": jnp.asarray(rng.normal(0, 0.3, run.model_cfg.d_model), jnp.float32)}
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def bigram_logits(run, state) -> np.ndarray:
+  """float64 [V, V]: row t is the logits after token t of the `bigram_state` model."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(state)[0])
+  x = p["embed"]
+  y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + run.model_cfg.ln_eps)
+  return (y * p["ln_f"]["scale"] + p["ln_f"]["bias"]) @ p["head"]
+
+
+def nll(logits, inputs, targets) -> np.ndarray:
+  """float64 negative log-likelihoods of targets after inputs under bigram logits [V, V]."""
+  rows = logits[inputs]
+  top = rows.max(-1)
+  return top + np.log(np.exp(rows - top[:, None]).sum(-1)) - rows[np.arange(len(rows)), targets]
+
+
+TEXT = "Ça m'émeut: naïve façade, cœur brûlé — «où?» dit Zoë. And then plain ASCII.\n" * 40
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_validation_metrics_have_their_exact_values(tokenizer, tmp_path):
+  """val_loss, val_ppl, val_bpb and val_tokens of lm.train.evaluate on a bigram model, against
+  float64 numpy over every target of the validation text (the ragged tail and the padding rows
+  of the last batch included).
+
+  Bits per byte = (nats per scored token / ln 2) x (tokens / UTF-8 bytes of the validation
+  text): with the byte tokenizer that is loss / ln 2; the char tokenizer has multibyte
+  characters (fewer tokens than bytes). Checked to fail: reporting bits per byte in nats
+  (dropping `/ math.log(2)`), counting characters instead of UTF-8 bytes in load_corpus
+  (len(text) for val_bytes), and scoring padding (weights of 1
+  everywhere in eval_batches) each fail."""
+  from lm import data, train
+  path = tmp_path / "text.txt"
+  path.write_text(TEXT, encoding="utf-8")
+  config = tiny_config(**{"data.path": str(path), "data.tokenizer": tokenizer,
+                          "model.tie_embeddings": False})
+  corpus = data.load_corpus(config.data)
+  run = train.make_run(config, corpus.tokenizer.vocab_size)
+  state = bigram_state(run, seed=3)
+  with jax.set_mesh(run.mesh):
+    got = train.evaluate(run, train.make_eval_step(run), state, corpus, batch_size=8)
+
+  ids = np.asarray(corpus.val)
+  val_text = corpus.tokenizer.decode(ids)
+  assert TEXT.endswith(val_text) and len(val_text) > 200
+  n_bytes = len(val_text.encode("utf-8"))
+  assert (n_bytes > len(ids)) == (tokenizer == "char")  # multibyte characters are one token
+  assert len(ids) % 32 != 1 and (len(ids) - 1) // 32 % 8  # a ragged tail, padding rows
+  nats = nll(bigram_logits(run, state), ids[:-1], ids[1:])
+  loss = nats.sum() / len(nats)
+  assert got["val_tokens"] == len(ids) - 1
+  assert got["val_loss"] == pytest.approx(loss, rel=1e-5)
+  assert got["val_ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+  assert got["val_bpb"] == pytest.approx(loss / math.log(2) * len(ids) / n_bytes, rel=1e-5)
+  if tokenizer == "byte":
+    assert got["val_bpb"] == pytest.approx(loss / math.log(2), rel=1e-5)
