@@ -107,20 +107,23 @@ def bigram_state(run, seed: int):
   for block in pure[0]["blocks"].values():
     block["attn"]["wo"] = jnp.zeros_like(block["attn"]["wo"])
     block["mlp"]["w_out"] = jnp.zeros_like(block["mlp"]["w_out"])
-  for name in ("embed", "head"):
-    pure[0][name] = jnp.asarray(rng.normal(0, 1.0, pure[0][name].shape), jnp.float32)
+  for name in ("embed", "head", "cls_head", "cls_bias"):
+    if name in pure[0]:
+      pure[0][name] = jnp.asarray(rng.normal(0, 1.0, pure[0][name].shape), jnp.float32)
   pure[0]["ln_f"] = {"scale": jnp.asarray(rng.normal(1, 0.3, run.model_cfg.d_model), jnp.float32),
                      "bias": jnp.asarray(rng.normal(0, 0.3, run.model_cfg.d_model), jnp.float32)}
   nnx.replace_by_pure_dict(state, pure)
   return state
 
 
-def bigram_logits(run, state) -> np.ndarray:
-  """float64 [V, V]: row t is the logits after token t of the `bigram_state` model."""
+def bigram_logits(run, state, head: str = "head") -> np.ndarray:
+  """float64 [V, V]: row t is the logits after token t of the `bigram_state` model; with
+  head="cls_head": [V, num_classes], the class logits of a row whose last token is t."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(state)[0])
   x = p["embed"]
   y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + run.model_cfg.ln_eps)
-  return (y * p["ln_f"]["scale"] + p["ln_f"]["bias"]) @ p["head"]
+  y = y * p["ln_f"]["scale"] + p["ln_f"]["bias"]
+  return y @ p[head] + (p["cls_bias"] if head == "cls_head" else 0)
 
 
 def nll(logits, inputs, targets) -> np.ndarray:
@@ -170,3 +173,60 @@ def test_validation_metrics_have_their_exact_values(tokenizer, tmp_path):
   assert got["val_bpb"] == pytest.approx(loss / math.log(2) * len(ids) / n_bytes, rel=1e-5)
   if tokenizer == "byte":
     assert got["val_bpb"] == pytest.approx(loss / math.log(2), rel=1e-5)
+
+
+def test_classification_metrics_have_their_exact_values():
+  """lm.classify.evaluate (real eval step) and the train step's metrics on a bigram classifier
+  (class logits from the last real token alone), against numpy: 13 held-out rows in batches
+  of 4 (3 padding rows), labels chosen so that exactly 8 of 13 predictions are right.
+
+  Checked to fail (break, run, revert), each: accuracy as the mean of per-batch accuracies
+  (the last batch has one real row), per-class accuracy as the frequency of predicting the
+  class, Dataset.majority from the held-out labels instead of the training ones, pooling the
+  first token instead of the last (lengths - 1 -> 0 in Transformer.classify), and the train
+  step's accuracy from an argmax over the wrong axis."""
+  from lm import classify, train
+  classes = ["comedies", "histories", "roman", "tragedies", "problems"]
+  config = tiny_config(**{"model.num_classes": len(classes)})
+  vocab = 40
+  run = train.make_run(config, vocab)
+  state = bigram_state(run, seed=4)
+  rng = np.random.default_rng(4)
+  n, seq_len = 13, 32
+  lengths = rng.integers(1, seq_len + 1, n).astype(np.int32)
+  tokens = rng.integers(1, vocab, (n, seq_len)).astype(np.int32)
+  tokens[np.arange(seq_len) >= lengths[:, None]] = 0  # right padding, as classify.encode
+  logits = bigram_logits(run, state, "cls_head")[tokens[np.arange(n), lengths - 1]]
+  pred = logits.argmax(-1)
+  assert len(set(pred.tolist())) > 1  # the model does not answer a constant
+  right = np.arange(n) < 8
+  labels = np.where(right, pred, (pred + 1 + rng.integers(0, len(classes) - 1, n)) % len(classes))
+  labels = labels.astype(np.int32)
+  plays = [f"{classes[y]}/play{i % 3}" for i, y in enumerate(labels)]
+  train_labels = np.asarray([2, 2, 2, 0, 1, 2, 4], np.int32)
+  ds = classify.Dataset(classes, classify.Examples(["x"] * 7, train_labels, ["p"] * 7),
+                        classify.Examples(["x"] * n, labels, plays))
+  assert ds.majority == 2  # the commonest training genre
+  with jax.set_mesh(run.mesh):
+    got = classify.evaluate(run, classify.make_eval_step(run), state, ds.val, tokens, lengths,
+                            4, ds.majority, classes)
+  top = logits.max(-1)
+  row_loss = top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(n), labels]
+  counts = np.bincount(labels, minlength=len(classes))
+  assert got["val_accuracy"] == 8 / 13
+  assert got["val_loss"] == pytest.approx(row_loss.mean(), rel=1e-5)
+  assert got["majority_class"] == "roman"
+  assert got["majority_baseline"] == np.sum(labels == 2) / 13
+  assert got["best_constant_baseline"] == counts.max() / 13
+  assert got["val_examples"] == 13 and got["val_plays"] == len(set(plays))
+  assert got["val_accuracy_per_class"] == {
+      c: (float(np.mean(right[labels == k])) if counts[k] else None) for k, c in enumerate(classes)}
+
+  # The train step reports the loss and accuracy of the parameters before its update.
+  with jax.set_mesh(run.mesh):
+    vec = classify._vector_sharding(run)
+    _, metrics = classify.make_train_step(run)(
+        state, train.put_batch(run, tokens[:12]), train.put_batch(run, lengths[:12], vec),
+        train.put_batch(run, labels[:12], vec), 0)
+  assert float(metrics["train_loss"]) == pytest.approx(row_loss[:12].mean(), rel=1e-5)
+  assert float(metrics["train_accuracy"]) == pytest.approx(8 / 12)
