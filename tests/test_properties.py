@@ -230,3 +230,61 @@ def test_classification_metrics_have_their_exact_values():
         train.put_batch(run, labels[:12], vec), 0)
   assert float(metrics["train_loss"]) == pytest.approx(row_loss[:12].mean(), rel=1e-5)
   assert float(metrics["train_accuracy"]) == pytest.approx(8 / 12)
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def fresh(state):
+  """A copy of a train state (the train step donates its input)."""
+  return jax.tree.map(jnp.copy, state)
+
+
+def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
+  """Dropout 0.3 in the LM train step: the same step twice gives the same loss and gradient
+  norm; other steps (same parameters, same batch) give other values, as do the two
+  micro-batches of one step; the training loss differs from the loss without dropout;
+  evaluation (no rngs) is deterministic and equals the dropout-0 model's.
+
+  Checked to fail: a dropout key independent of the step (`base_key = jax.random.key(seed)`
+  in make_train_step), one key for every micro-batch (dropping the fold_in of the micro-batch
+  index), and dropout left on in evaluation (`deterministic=False` in Block) each fail."""
+  from lm import train
+  from lm.data import get_batch
+  vocab = 50
+  ids = np.random.default_rng(0).integers(0, vocab, 3000).astype(np.int32)
+  batch = get_batch(ids, seed=0, step=0, batch_size=8, seq_len=32)
+  runs = {p: train.make_run(tiny_config(**{"model.dropout": p}), vocab) for p in (0.0, 0.3)}
+  run = runs[0.3]
+  # Large random weights (not the near-uniform init), so that dropout moves the loss a lot.
+  # Dropout has no parameters: the same state serves both runs.
+  state = train.init_state(run, seed=0)
+  rng = np.random.default_rng(0)
+  pure = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
+                      nnx.to_pure_dict(state[0]))
+  nnx.replace_by_pure_dict(state[0], pure)
+  step_fn = train.make_train_step(run)
+
+  def metrics(step, micro_batches=1):
+    stacked = np.stack([batch] * micro_batches)
+    with jax.set_mesh(run.mesh):
+      _, m = step_fn(fresh(state), train.put_batch(run, stacked, run.micro_batch_sharding), step)
+    return float(m["train_loss"]), float(m["grad_norm"])
+
+  same = metrics(5)
+  assert metrics(5) == same
+  others = [metrics(s) for s in (0, 6, 1000)]
+  assert len({same, *others}) == 4  # every step its own mask
+  # Two identical micro-batches, two masks: the mean loss is not the one-micro-batch loss.
+  assert metrics(5, micro_batches=2)[0] != same[0]
+
+  evals = []
+  for p in (0.3, 0.3, 0.0):
+    with jax.set_mesh(runs[p].mesh):
+      s, c = train.make_eval_step(runs[p])(state, train.put_batch(runs[p], batch),
+                                           train.put_batch(runs[p], np.ones((8, 32), np.float32)))
+    evals.append(float(s) / float(c))
+  assert evals[0] == evals[1] == pytest.approx(evals[2], rel=1e-6)
+  # Dropout changes what training sees: every training loss differs from the clean one
+  # (here by 0.002 to 0.05; float32 rounding is ~1e-6).
+  assert min(abs(x[0] - evals[2]) for x in [same, *others]) > 1e-4
