@@ -288,3 +288,56 @@ def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
   # Dropout changes what training sees: every training loss differs from the clean one
   # (here by 0.002 to 0.05; float32 rounding is ~1e-6).
   assert min(abs(x[0] - evals[2]) for x in [same, *others]) > 1e-4
+
+
+# ---------------------------------------------------------------- batches across processes
+
+# Run in fresh processes: the corpus of a folder of documents, then training batches (LM and
+# classifier, plain and balanced) for a few (seed, step); prints a digest of each.
+_DRAW_BATCHES = """
+import hashlib, json, sys, types
+import numpy as np
+from lm import classify, data
+cfg = types.SimpleNamespace(path=sys.argv[1], tokenizer="char", val_fraction=0.25, seq_len=16,
+                            text_field="text")
+corpus = data.load_corpus(cfg)
+labels = np.arange(100, dtype=np.int32) % 7
+out = {"train": corpus.train, "val": corpus.val}
+for seed, step in ((0, 0), (0, 1), (1, 0), (3, 12345)):
+  out[f"lm/{seed}/{step}"] = data.get_batch(corpus.train, seed=seed, step=step, batch_size=8,
+                                            seq_len=16)
+  for balanced in (False, True):
+    out[f"cls/{seed}/{step}/{balanced}"] = classify.sample_batch(
+        labels, seed=seed, step=step, batch_size=8, balanced=balanced)
+print(json.dumps({k: hashlib.sha256(np.ascontiguousarray(v)).hexdigest() for k, v in out.items()}))
+"""
+
+
+def test_batches_are_the_same_in_every_process(tmp_path):
+  """Two fresh processes (different PYTHONHASHSEED, run side by side) split the same corpus
+  and draw the same LM and classifier batches for each (seed, step) as this process, while
+  different steps or seeds draw different batches.
+
+  Checked to fail: get_batch seeded with [seed, step, os.getpid()] (same within a process, so
+  tests/test_data.py passes), and split_documents ranking documents by hash() instead of
+  crc32, each fail."""
+  for i in range(12):  # >= 10 documents: whole documents go to validation, ranked by name
+    (tmp_path / f"doc{i:02d}.txt").write_text(f"Document {i}: " + "to be or not to be, " * (5 + i))
+  procs = [subprocess.Popen([sys.executable, "-c", _DRAW_BATCHES, str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT, "PYTHONHASHSEED": str(seed)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for seed in (1, 2)]
+  digests = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    digests.append(json.loads(out))
+  assert digests[0] == digests[1]
+  # This process agrees, and the digests tell batches apart (so equality means something).
+  from lm import data
+  corpus = data.load_corpus(tiny_config(**{"data.path": str(tmp_path), "data.val_fraction": 0.25,
+                                           "data.seq_len": 16}).data)
+  batch = data.get_batch(corpus.train, seed=3, step=12345, batch_size=8, seq_len=16)
+  assert digests[0]["lm/3/12345"] == hashlib.sha256(batch).hexdigest()
+  assert digests[0]["val"] == hashlib.sha256(np.ascontiguousarray(corpus.val)).hexdigest()
+  assert len(set(digests[0].values())) == len(digests[0])
