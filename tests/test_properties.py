@@ -6,7 +6,6 @@ Each test says how it was checked to fail: the code was broken once, the test ru
 fail, and the code restored.
 """
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -96,23 +95,26 @@ def test_sampled_frequencies_match_the_filtered_softmax(temperature, top_k, top_
 # ---------------------------------------------------------------- metric values
 
 
-def bigram_state(run, seed: int):
-  """Train state whose model is a bigram table: every block's residual outputs (attention wo,
-  MLP w_out) are zero, so the logits of token t are LN(embed[t]) @ head, which numpy can
-  compute (`bigram_logits`). Large random embed/head/ln_f make the logits far from uniform."""
-  from lm import train
-  state = train.init_state(run, seed)
-  pure = nnx.to_pure_dict(state)
+def random_state(run, seed: int):
+  """A train state built without compiling anything: model parameters N(0, 0.3) (LayerNorm
+  scales N(1, 0.3)), far from the near-uniform initialisation; optimizer state zero."""
+  state = jax.tree.map(lambda a: jnp.asarray(np.zeros(a.shape, a.dtype)), run.abstract_state())
   rng = np.random.default_rng(seed)
-  for block in pure[0]["blocks"].values():
+  nnx.replace_by_pure_dict(state[0], jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(rng.normal(path[-1].key == "scale", 0.3, x.shape), x.dtype),
+      nnx.to_pure_dict(state[0])))
+  return state
+
+
+def bigram_state(run, seed: int):
+  """`random_state` with every block's residual outputs (attention wo, MLP w_out) zero: the
+  logits after token t are then LN(embed[t]) @ head, which numpy computes (`bigram_logits`)."""
+  state = random_state(run, seed)
+  pure = nnx.to_pure_dict(state[0])
+  for block in pure["blocks"].values():
     block["attn"]["wo"] = jnp.zeros_like(block["attn"]["wo"])
     block["mlp"]["w_out"] = jnp.zeros_like(block["mlp"]["w_out"])
-  for name in ("embed", "head", "cls_head", "cls_bias"):
-    if name in pure[0]:
-      pure[0][name] = jnp.asarray(rng.normal(0, 1.0, pure[0][name].shape), jnp.float32)
-  pure[0]["ln_f"] = {"scale": jnp.asarray(rng.normal(1, 0.3, run.model_cfg.d_model), jnp.float32),
-                     "bias": jnp.asarray(rng.normal(0, 0.3, run.model_cfg.d_model), jnp.float32)}
-  nnx.replace_by_pure_dict(state, pure)
+  nnx.replace_by_pure_dict(state[0], pure)
   return state
 
 
@@ -254,15 +256,12 @@ def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
   vocab = 50
   ids = np.random.default_rng(0).integers(0, vocab, 3000).astype(np.int32)
   batch = get_batch(ids, seed=0, step=0, batch_size=8, seq_len=32)
-  runs = {p: train.make_run(tiny_config(**{"model.dropout": p}), vocab) for p in (0.0, 0.3)}
+  runs = {p: train.make_run(tiny_config(**{"model.dropout": p, "model.num_layers": 1}), vocab)
+          for p in (0.0, 0.3)}
   run = runs[0.3]
-  # Large random weights (not the near-uniform init), so that dropout moves the loss a lot.
-  # Dropout has no parameters: the same state serves both runs.
-  state = train.init_state(run, seed=0)
-  rng = np.random.default_rng(0)
-  pure = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
-                      nnx.to_pure_dict(state[0]))
-  nnx.replace_by_pure_dict(state[0], pure)
+  # Large random weights, so that dropout moves the loss a lot. Dropout has no parameters:
+  # the same state serves both runs.
+  state = random_state(run, seed=0)
   step_fn = train.make_train_step(run)
 
   def metrics(step, micro_batches=1):
@@ -371,21 +370,18 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(monkeypatch):
   vocab = 50
   ids = np.random.default_rng(1).integers(0, vocab, 3000).astype(np.int32)
   batch = get_batch(ids, seed=0, step=7, batch_size=8, seq_len=32)
-  run = train.make_run(tiny_config(), vocab)
-  state = train.init_state(run, seed=0)
-  rng = np.random.default_rng(1)
-  nnx.replace_by_pure_dict(state[0], jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), nnx.to_pure_dict(state[0])))
+  run = train.make_run(tiny_config(**{"model.num_layers": 1}), vocab)
+  state = random_state(run, seed=1)
 
   def direct_loss(model):
     logits = model(jnp.asarray(batch[:, :-1]))
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
   model = nnx.merge(run.graphdef, fresh(state))[0]
-  want_loss, want = nnx.value_and_grad(direct_loss)(model)
+  want_loss, want = nnx.jit(nnx.value_and_grad(direct_loss))(model)
   want = nnx.to_pure_dict(want)
   for accum in (1, 2):
-    config = tiny_config(**{"train.grad_accum": accum})
+    config = tiny_config(**{"train.grad_accum": accum, "model.num_layers": 1})
     run = train.make_run(config, vocab)
     with jax.set_mesh(run.mesh):
       out, metrics = train.make_train_step(run)(
