@@ -379,13 +379,14 @@ def capture_gradients() -> optax.GradientTransformation:
 def test_accumulated_gradients_equal_the_full_batch_gradient(monkeypatch):
   """The gradient the train step hands to the optimizer, for grad_accum 1 and 2 on the same
   global batch of 8 rows (at step 7), against jax.grad of the mean loss over all 8 rows in one
-  plain call; the reported train_loss too. Large random weights, so every gradient entry is
+  plain call; the reported train_loss and grad_norm too. Large random weights, so every gradient entry is
   far from zero; tolerance 1e-5 of each array's largest entry (float32 summation order).
 
   Checked to fail (break, run, revert): keeping only the last micro-batch's gradient (with
   the loss still summed right: the gradient comparison fails), summing instead of averaging
   the micro-batch gradients, and dividing them by the micro-batch size instead of their
-  number each fail. Measured agreement: 1.2e-6 of the largest entry."""
+  number each fail, and so does a grad_norm divided by the number of micro-batches. Measured
+  agreement: 1.2e-6 of the largest entry."""
   from lm import train
   from lm.data import get_batch
   make_optimizer = train.make_optimizer
@@ -404,6 +405,7 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(monkeypatch):
   model = nnx.merge(run.graphdef, fresh(state))[0]
   want_loss, want = nnx.jit(nnx.value_and_grad(direct_loss))(model)
   want = nnx.to_pure_dict(want)
+  want_norm = math.sqrt(sum(np.sum(np.square(w, dtype=np.float64)) for w in jax.tree.leaves(want)))
   for accum in (1, 2):
     config = tiny_config(**{"train.grad_accum": accum, "model.num_layers": 1})
     run = train.make_run(config, vocab)
@@ -413,5 +415,6 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(monkeypatch):
                                         run.micro_batch_sharding), 7)
     got = nnx.to_pure_dict(out)[1]["opt_state"]
     assert float(metrics["train_loss"]) == pytest.approx(float(want_loss), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(want_norm, rel=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(
         g, w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=f"grad_accum={accum}"), got, want)
