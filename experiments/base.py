@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.token_dtype = "uint16"  # *.bin only
 
   config.train = train = ml_collections.ConfigDict()
+  train.task = "lm"  # lm (next-token, lm/train.py) | classify (lm/classify.py)
   train.num_steps = 1100
   train.batch_size = 12  # global, over all devices and micro-batches
   train.grad_accum = 1

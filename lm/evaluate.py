@@ -60,12 +60,19 @@ def evaluate_workdir(config, workdir: str, data_path: str | None = None) -> dict
     result = train_lib.evaluate(run, train_lib.make_eval_step(run), state, corpus,
                                 run.config.train.eval_batch_size)
   result = {"mode": "eval", "data": run.config.data.path or "embedded plays", **result}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result}) + "\n")
-    print(json.dumps(result), flush=True)
+  report(workdir, step, result)
   logging.info("eval at step %d: %s", step, result)
   return result
+
+
+def report(workdir: str, step: int, result: dict) -> None:
+  """Prints an evaluation's result (JSON, stdout) first, then appends it to metrics.jsonl, so
+  a failing write (read-only or full disk: OSError) never loses it."""
+  if jax.process_index() != 0:
+    return
+  print(json.dumps(result), flush=True)
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, **result}) + "\n")
 
 
 def sample_workdir(config, workdir: str, **overrides) -> list[str]:
