@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_main
 
 TINY = ["--config=experiments/base.py", "--config.model.num_layers=1",
         "--config.model.d_model=32", "--config.model.d_ff=64", "--config.data.seq_len=32",
@@ -25,25 +25,6 @@ TINY = ["--config=experiments/base.py", "--config.model.num_layers=1",
         "--config.train.eval_batch_size=8", "--config.train.log_every=2",
         "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
         "--config.sample.num_samples=0"]
-
-
-def run_main(*args):
-  """experiments/run.py's parse_flags + main in this process; returns the exit code."""
-  import sys
-  from absl import flags
-  import experiments.run as run_py
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)  # the override flags the previous parse defined
-  argv, saved = ["run.py", *args], sys.argv
-  sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
-  try:
-    run_py.main(run_py.parse_flags(argv))
-  except SystemExit as e:
-    return e.code
-  finally:
-    sys.argv = saved
-  return 0
 
 
 def digest(directory) -> dict:
