@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "smoke":
     train.num_steps = 30
+    train.warmup_steps = 10  # warmup may not exceed the steps
     train.log_every = 10
     train.eval_every = 30
     train.eval_batches = 2
