@@ -224,7 +224,7 @@ def run_cpu_check(args):
     """Interpreter run on tiny shapes: errors vs the jnp reference, and timings."""
     rows = []
     b, h, d = 2, 4, 32
-    for t in (64, 128):
+    for t in args.cpu_seq_lens:
         for causal in (False, True):
             sets = _random_inputs(jax.random.key(t), b, t, h, h, d, jnp.float32, 2)
             q, k, v, do = sets[0]
@@ -287,6 +287,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cpu-repeats", type=int, default=3)
+    p.add_argument("--cpu-seq-lens", type=_ints, default=[64, 128],
+                   help="CPU check: sequence lengths (batch 2, 4 heads, head_dim 32)")
     p.add_argument("--cpu-check", action="store_true",
                    help="run the CPU interpreter check even if a GPU is present")
     args = p.parse_args(argv)

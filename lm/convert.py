@@ -278,11 +278,11 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   if tokenizer.vocab_size != cfg.vocab_size:
     raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                      f"vocab_size is {cfg.vocab_size}")
+  from lm import workdir as workdir_lib
+  workdir_lib.check(workdir, "train")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UsageError(f"{workdir} already holds checkpoints: convert into a new directory")
-  os.makedirs(workdir, exist_ok=True)
-  tokenizers.save(tokenizer, workdir)
   config = run_config(cfg, base_config)
   with config.unlocked():
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, tokenizers.FILENAME))
@@ -291,6 +291,8 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   model = model_from_params(run.model_cfg, params_from_hf(read_safetensors(hf_dir), cfg))
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
   state = jax.device_put(nnx.state((model, optimizer)), run.shardings)
+  os.makedirs(workdir, exist_ok=True)  # everything read and built: now write
+  tokenizers.save(tokenizer, workdir)
   ckpt = ckpt_lib.Checkpointer(ckpt_dir)
   ckpt.save(0, state, {"config": config.to_dict(), "tokenizer": tokenizer.to_json(),
                        "seed": config.seed, "step": 0, "converted_from": os.path.abspath(hf_dir)})
@@ -329,6 +331,10 @@ def main(argv=None) -> int:
       print(f"wrote {args.workdir}: checkpoints/0, config.json, tokenizer.json", flush=True)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except OSError as e:  # read-only or full disk, ...
+    print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}",
+          file=sys.stderr, flush=True)
     return 2
   return 0
 

@@ -75,7 +75,7 @@ def test_gqa_reduces_kv_parameters_and_matches_repeated_kv_heads():
 
 
 def test_bad_model_configs_raise_clear_errors():
-  with pytest.raises(ValueError, match="num_kv_heads=3 does not divide num_heads=4"):
+  with pytest.raises(ValueError, match="model.num_kv_heads=3: expected a divisor of model.num_heads=4"):
     small(num_kv_heads=3)
   with pytest.raises(ValueError, match="positions"):
     small(positions="alibi")
