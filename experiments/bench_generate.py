@@ -11,12 +11,9 @@ depend on the weights).
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "run directory (default: base.py's model, random weights)")
 flags.DEFINE_list("batch_sizes", ["1", "16"], "batch sizes to time")
@@ -33,12 +30,12 @@ def main(argv):
   import jax
   import numpy as np
   from flax import nnx
-  from experiments import base
-  from lm import evaluate, sample, train
+  from lm import runtime, sample, train
+  from lm.config import base_config
   from lm.model import num_params
-  config = base.get_config()
+  config = base_config()
   if FLAGS.workdir:
-    run, state, _, _ = evaluate.load(config, FLAGS.workdir)
+    run, state, _, _ = runtime.load(config, FLAGS.workdir)
     model = nnx.merge(run.graphdef, state)[0]
   else:
     run = train.make_run(config, 256 + 80)  # the char vocabulary of the plays is 256 + ~80

@@ -4,7 +4,7 @@
   python experiments/bench_train.py --config=experiments/gpt2_small.py \
       --config.mesh.data=1 --config.mesh.fsdp=-1           # FSDP over every GPU
 
-Times the real jitted train step of lm/train.py (the one `experiments/run.py` runs) on random
+Times the real jitted train step of lm/train.py with the lm task's loss (the one `experiments/run.py` runs) on random
 tokens of the model's vocabulary: a few warm-up steps (compilation), then the median of
 --steps timed steps, each ended by block_until_ready. No data loading, evaluation or
 checkpointing is timed. MFU counts 6·params + attention FLOPs per token (lm.model
@@ -12,19 +12,17 @@ checkpointing is timed. MFU counts 6·params + attention FLOPs per token (lm.mod
 H100 SXM's 989).
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from absl import app, flags
+from kernels.bridge import on_gpu
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from lm import train as train_lib  # noqa: E402
-from lm.model import flops_per_token  # noqa: E402
+from lm import tasks
+from lm import train as train_lib
+from lm.model import flops_per_token
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/base.py", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 30, "timed steps (median reported)")
@@ -43,14 +41,14 @@ def main(_):
   state = train_lib.init_state(run, config.seed)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  step_fn = train_lib.make_train_step(run)
+  step_fn = train_lib.make_train_step(run, tasks.get("lm").loss)
   rng = np.random.default_rng(0)
   micro = tc.batch_size // tc.grad_accum
   batches = [rng.integers(0, vocab, (tc.grad_accum, micro, config.data.seq_len + 1),
                           dtype=np.int32) for _ in range(2)]  # alternated: fresh inputs
   times = []
   with jax.set_mesh(run.mesh):
-    batches = [train_lib.put_batch(run, b, run.micro_batch_sharding) for b in batches]
+    batches = [train_lib.put_batch(run, {"tokens": b}, micro=True) for b in batches]
     for i in range(max(_WARMUP.value, 1) + _STEPS.value):  # step 0 (compiles) is never timed
       t = time.perf_counter()
       state, metrics = step_fn(state, batches[i % 2], i)
@@ -72,7 +70,7 @@ def main(_):
   print(f"step        median {1e3 * dt:.1f} ms (min {1e3 * min(times):.1f}, "
         f"max {1e3 * max(times):.1f}) over {len(times)} steps")
   print(f"throughput  {tokens / dt:,.0f} tokens/s")
-  if jax.default_backend() == "gpu":
+  if on_gpu():
     flops = flops_per_token(run.model_cfg, config.data.seq_len) * tokens
     print(f"MFU         {flops / dt / (_PEAK.value * 1e12 * jax.device_count()):.3f} "
           f"({flops / dt / 1e12 / jax.device_count():.0f} TFLOP/s per device)")

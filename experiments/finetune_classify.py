@@ -17,18 +17,13 @@ from scratch, about 6 min (machine loaded), held-out accuracy 0.325 against a ma
 baseline of 0.201; from the base.py char LM with seq_len 256, 300 steps (about 8 min): 0.209.
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from experiments import base  # noqa: E402
+from lm.config import base_config
 
 
 def get_config(arg: str | None = None):
-  config = base.get_config(arg)
+  config = base_config(arg)
   config.train.task = "classify"
   config.classify = ml_collections.ConfigDict()
   config.classify.min_chars = 80  # shorter speeches ("Ay, my lord.") carry no genre

@@ -18,16 +18,13 @@ loss on the comedies' held-out Markdown, whole split: 2.274 nats/char for the so
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import base  # noqa: E402
+from lm.config import base_config
 
 
 def get_config(arg: str | None = None):
   from lm import data
-  config = base.get_config(arg)
+  config = base_config(arg)
   config.train.init_from = "runs/base"
   config.data.path = os.path.join(data.plays_dir(), "comedies", "*.md")
   t = config.train

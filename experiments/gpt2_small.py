@@ -9,16 +9,11 @@ which is a shape check rather than a meaningful GPT-2 run. 8 GPUs: add --config.
 was lent when this was written); BUILD_NOTES.md will carry the numbers when one is.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import base  # noqa: E402
+from lm.config import base_config
 
 
 def get_config(arg: str | None = None):
-  config = base.get_config(arg)
+  config = base_config(arg)
   m = config.model
   m.num_layers, m.num_heads, m.d_model, m.d_ff = 12, 12, 768, 3072
   m.positions, m.mlp, m.use_bias, m.tie_embeddings = "learned", "gelu", True, True

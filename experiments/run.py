@@ -17,10 +17,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).",
@@ -109,10 +107,14 @@ def init_distributed() -> None:
 def quiet_library_logs() -> None:
   """Libraries (Orbax on every save, JAX at start-up) log at INFO through absl too: keep their
   warnings, and INFO from this project only."""
+  import importlib.util
   import logging as py_logging
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # The project's own files, wherever the packages are installed (site-packages or a checkout).
+  roots = tuple(d for name in ("lm", "kernels")
+                for d in importlib.util.find_spec(name).submodule_search_locations)
+  roots += (os.path.dirname(os.path.abspath(__file__)),)
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or r.pathname.startswith(root))
+      lambda r: r.levelno >= py_logging.WARNING or r.pathname.startswith(roots))
 
 
 def main(argv):
@@ -135,18 +137,7 @@ def main(argv):
     import jax
     if jax.process_index() != 0:  # one log per job: other processes report warnings only
       logging.set_verbosity(logging.WARNING)
-    from lm import evaluate
-    if FLAGS.mode == "train":
-      if config.train.get("task", "lm") == "classify":  # lm/classify.py
-        from lm import classify
-        classify.train(config, FLAGS.workdir)
-      else:
-        from lm import train
-        train.train(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-      evaluate.evaluate_workdir(config, FLAGS.workdir, data_path=FLAGS.data_path)
-    else:
-      evaluate.sample_workdir(config, FLAGS.workdir)
+    run_mode(config)
   except UsageError as e:
     fail(str(e))
   except OSError as e:  # file-system trouble: read-only, disk full, ...
@@ -155,6 +146,19 @@ def main(argv):
   except ValueError as e:  # e.g. a kernel rejecting shapes: a clear message, no traceback
     logging.debug("ValueError", exc_info=True)
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def run_mode(config) -> None:
+  """--mode through the task registry: the task of config.train.task trains or evaluates."""
+  from lm import runtime, sample, tasks
+  if FLAGS.mode == "sample":
+    sample.sample_workdir(config, FLAGS.workdir)
+    return
+  task = tasks.get(config.train.task)
+  if FLAGS.mode == "train":
+    runtime.train(config, FLAGS.workdir, task)
+  else:
+    runtime.evaluate(config, FLAGS.workdir, task, data_path=FLAGS.data_path)
 
 
 def with_sample_flags(config):

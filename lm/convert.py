@@ -70,8 +70,9 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
                 tie_embeddings=hf.get("tie_word_embeddings", True),
                 ln_eps=hf.get("layer_norm_epsilon", 1e-5))
   fields.update(overrides)
+  from lm.config import model_config
   try:
-    return ModelConfig(**fields)
+    return model_config(**fields)
   except ValueError as e:
     raise UsageError(str(e)) from None
 
@@ -250,15 +251,13 @@ def load_hf_tokenizer(hf_dir: str):
 # --- workdirs --------------------------------------------------------------------------------
 
 def run_config(cfg: ModelConfig, base_config=None):
-  """An experiment config (experiments/base.py unless given) whose model section is `cfg`."""
-  if base_config is None:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from experiments import base
-    base_config = base.get_config()
-  config = copy.deepcopy(base_config)
+  """An experiment config (lm.config.base_config() unless given) whose model section is
+  `cfg` in every field a checkpoint fixes."""
+  from lm.config import base_config as defaults
+  from lm.model import checkpoint_fields
+  config = copy.deepcopy(base_config if base_config is not None else defaults())
   with config.unlocked():
-    for name in ("max_seq_len", "num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff",
-                 "positions", "norm", "mlp", "use_bias", "tie_embeddings", "ln_eps"):
+    for name in checkpoint_fields():
       config.model[name] = getattr(cfg, name)
     config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
   return config
@@ -291,25 +290,23 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   model = model_from_params(run.model_cfg, params_from_hf(read_safetensors(hf_dir), cfg))
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
   state = jax.device_put(nnx.state((model, optimizer)), run.shardings)
-  os.makedirs(workdir, exist_ok=True)  # everything read and built: now write
-  tokenizers.save(tokenizer, workdir)
+  workdir_lib.commit(workdir, config, tokenizer, None, 0)  # all read and built: now write
   ckpt = ckpt_lib.Checkpointer(ckpt_dir)
   ckpt.save(0, state, {"config": config.to_dict(), "tokenizer": tokenizer.to_json(),
                        "seed": config.seed, "step": 0, "converted_from": os.path.abspath(hf_dir)})
   ckpt.close()
-  train_lib.write_config(config, workdir)
   return workdir
 
 
 def workdir_to_hf(workdir: str, out_dir: str) -> str:
   """Exports the latest checkpoint of a run directory in GPT-2's format; returns out_dir."""
   from lm import checkpoint as ckpt_lib
-  from lm import evaluate
+  from lm import runtime
   import ml_collections
   ckpt, meta = ckpt_lib.read_meta(workdir)
   ckpt.close()
   config = ml_collections.ConfigDict(meta["config"])
-  run, state, tokenizer, _ = evaluate.load(config, workdir)
+  run, state, tokenizer, _ = runtime.load(config, workdir)
   to_hf_gpt2(nnx.merge(run.graphdef, state)[0], out_dir, tokenizer)
   return out_dir
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,26 +22,34 @@ from lm import attention as attention_lib
 from lm import sharding
 
 
+# Model fields a run may change on resume, init_from or evaluation: how the model computes,
+# not what it computes. Every other field (checkpoint_fields) is fixed by a checkpoint, so a
+# new field is fixed unless it is added here.
+RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """The model's shape and numerics. No defaults: they live in one place, lm/config.py
+  (experiments/base.py), and `from_config` builds this from a config's model section."""
   vocab_size: int
-  max_seq_len: int = 256
-  num_layers: int = 4
-  num_heads: int = 4
-  num_kv_heads: int = 0  # 0: same as num_heads (MHA); fewer: grouped-query attention
-  d_model: int = 128
-  d_ff: int = 0  # 0: 4 * d_model
-  dropout: float = 0.0
-  attention_impl: str = "auto"  # xla | cudnn | triton | triton_softmax | auto
-  positions: str = "rope"  # rope | learned
-  norm: str = "pre"  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
-  mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu
-  use_bias: bool = False
-  tie_embeddings: bool = True
-  ln_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  dtype: str = "float32"  # activation/compute dtype
-  num_classes: int = 0  # > 0 adds a sequence-classification head
+  max_seq_len: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int  # 0: same as num_heads (MHA); fewer: grouped-query attention
+  d_model: int
+  d_ff: int  # 0: 4 * d_model
+  dropout: float
+  attention_impl: str  # xla | cudnn | triton | triton_softmax | auto
+  positions: str  # rope | learned
+  norm: str  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
+  mlp: str  # gelu (tanh approximation, as GPT-2) | swiglu
+  use_bias: bool
+  tie_embeddings: bool
+  ln_eps: float
+  rope_theta: float
+  dtype: str  # activation/compute dtype
+  num_classes: int  # > 0 adds a sequence-classification head
 
   def __post_init__(self):
     kv = self.kv_heads
@@ -80,9 +88,22 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
-    """Builds from the ml_collections `config.model` section."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    return cls(vocab_size=vocab_size, **{k: v for k, v in model_cfg.items() if k in fields})
+    """Builds from the ml_collections `config.model` section (or a dict); ValueError naming
+    the first field it lacks."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
+    missing = [f for f in fields if f not in model_cfg]
+    if missing:
+      raise ValueError(f"the config has no field model.{missing[0]} (start from "
+                       "experiments/base.py)")
+    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields})
+
+
+def checkpoint_fields() -> tuple[str, ...]:
+  """The config.model fields a checkpoint fixes (all but vocab_size, which the tokenizer
+  fixes, and RUNTIME_FIELDS): resume refuses to change them, init_from, evaluation and
+  lm.convert take them from the checkpoint."""
+  return tuple(f.name for f in dataclasses.fields(ModelConfig)
+               if f.name != "vocab_size" and f.name not in RUNTIME_FIELDS)
 
 
 def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
@@ -327,7 +348,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   attn = 12 * cfg.num_layers * cfg.d_model * seq_len / 2  # causal: half the scores
   return 6 * n + attn
 
-
-def abstract(cfg: ModelConfig) -> Any:
-  """The model's graph and parameter shapes, without allocating (for restore and sharding)."""
-  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))

@@ -190,3 +190,20 @@ def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list
                   top_p=sample_cfg.top_p, num_return_sequences=sample_cfg.num_samples,
                   stop_token=stop_token_of(sample_cfg), seed=sample_cfg.seed)[0]
   return [prompt + tokenizer.decode(s) for s in seqs]
+
+
+def sample_workdir(config, workdir: str, **overrides) -> list[str]:
+  """Prints (and returns) samples of the latest checkpoint in `workdir`; overrides replace
+  fields of config.sample. UsageError for a bad config or workdir."""
+  import copy
+  from lm import runtime, validate
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.sample.update(overrides)
+  validate.check_config(config, "sample")
+  run, state, tokenizer, _ = runtime.load(config, workdir)
+  model = nnx.merge(run.graphdef, state)[0]
+  texts = sample_text(model, tokenizer, run.config.sample)
+  for text in texts:
+    print(f"--- sample ---\n{text}", flush=True)
+  return texts

@@ -2,12 +2,12 @@
 
 `check_config(config, mode)` raises UsageError naming the first bad field, its value and what
 is allowed ("train.batch_size=0: expected an integer >= 1"). experiments/run.py calls it
-before anything else (train, eval and sample, every task); train.train and classify.train call
-it too, for library use. Checks that need a checkpoint or the data (a resumed run's shape, the
+before anything else (train, eval and sample, every task); lm/runtime.py calls it too, for
+library use. Checks that need a checkpoint or the data (a resumed run's shape, the
 vocabulary, batch sizes over the devices) follow in the jobs themselves, still before the
 workdir is written (lm/workdir.py).
 
-A field is (path, type, test, what is allowed). Optional sections and fields (train.task,
+A field is (path, type, test, what is allowed). Optional sections and fields (
 classify.*, sample.stop_token) are checked when present.
 """
 
@@ -17,8 +17,9 @@ import math
 import os
 
 from lm.errors import UsageError
+from lm.tasks import NAMES
 
-TASKS = ("lm", "classify")
+TASKS = tuple(NAMES)  # the objectives of lm/tasks/
 ATTENTION_IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")  # = attention.IMPLS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -114,7 +115,7 @@ FIELDS = (
     ("classify.genres", str, _ANY),
 )
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
-OPTIONAL = {"train.task", "sample.stop_token", "classify.min_chars", "classify.balanced",
+OPTIONAL = {"sample.stop_token", "classify.min_chars", "classify.balanced",
             "classify.genres"}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -182,9 +183,6 @@ def check_config(config, mode: str = "train") -> None:
   if tc.batch_size % tc.grad_accum:
     raise UsageError(f"train.batch_size={tc.batch_size}: expected a multiple of "
                      f"train.grad_accum={tc.grad_accum} (the micro-batches are equal)")
-  if config.train.get("task", "lm") == "classify" and tc.grad_accum != 1:
-    raise UsageError(f"train.grad_accum={tc.grad_accum}: the classify task trains without "
-                     "gradient accumulation (expected 1)")
   if mode == "train" and not tc.init_from:
     model_config(config, vocab_size=1)
 
