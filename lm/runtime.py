@@ -396,7 +396,8 @@ def evaluate(config, workdir: str, task: Task, data_path: str | None = None) -> 
   run, state, tokenizer, step = load(config, workdir)
   data = task.eval_data(run.config, tokenizer, data_path)
   with jax.set_mesh(run.mesh):
-    result = {"mode": "eval", "task": task.name, **task.evaluate(run, state, data, None)}
+    result = {"mode": "eval", "task": task.name, **({"data": data_path} if data_path else {}),
+              **task.evaluate(run, state, data, None)}
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
     with MetricsWriter(workdir) as writer:

@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 from experiments import base  # noqa: E402
 from lm import checkpoint as ckpt_lib  # noqa: E402
 from lm import sharding  # noqa: E402
-from lm import train  # noqa: E402
+from lm import tasks, train  # noqa: E402
 
 VOCAB = 64
 MESHES = ((8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2))
@@ -90,10 +90,10 @@ def train_some(c, mesh, steps):
     state = train.init_state(run, c.seed)
     shards = specs_and_bytes(state)
     init = {k: np.array(v) for k, v in flat(state[0]).items()}  # a copy: state is donated
-    step_fn = train.make_train_step(run)
+    step_fn = train.make_train_step(run, tasks.get("lm").loss)
     losses = []
     for i, b in enumerate(batches(c, steps)):
-      state, metrics = step_fn(state, train.put_batch(run, b, run.micro_batch_sharding), i)
+      state, metrics = step_fn(state, train.put_batch(run, {"tokens": b}, micro=True), i)
       losses.append(float(metrics["train_loss"]))
   params = {k: np.asarray(v) for k, v in flat(state[0]).items()}
   return run, state, losses, params, shards, init

@@ -144,7 +144,6 @@ CASES = [
     ("workdir_is_file", _workdir_is_a_file, None),
     ("eval_without_checkpoints", _empty_workdir_for_eval, None),
     ("classify_min_chars", [CLASSIFY, "--config.classify.min_chars=-1"], "classify.min_chars=-1"),
-    ("classify_grad_accum", [CLASSIFY, "--config.train.grad_accum=2"], "train.grad_accum=2"),
     ("classify_eval_of_an_lm", [CLASSIFY, "--mode=eval"], "has no classification head"),
     ("read_only_resume", ["--config.train.num_steps=6", "read_only"], "Read-only file system"),
     ("read_only_eval", ["--mode=eval", "read_only"], "Read-only file system"),
@@ -208,8 +207,8 @@ def test_disk_full_ends_in_one_line_and_keeps_the_last_checkpoint(where, finishe
       raise _enospc(str(directory))
     monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", full)
   else:
-    import lm.train
-    monkeypatch.setattr(lm.train.MetricsWriter, "_event",
+    import lm.runtime
+    monkeypatch.setattr(lm.runtime.MetricsWriter, "_event",
                         lambda self, **kw: (_ for _ in ()).throw(_enospc("events")))
   code = run_main(*TINY, f"--workdir={workdir}", "--config.train.num_steps=6")
   monkeypatch.undo()
@@ -242,8 +241,8 @@ def test_nan_at_step_k_stops_with_the_checkpoint_before_k_intact_and_resumable(
   from lm import train, workdir as workdir_lib
   real, K = train.make_train_step, 5
 
-  def poisoned(run):
-    step_fn = real(run)
+  def poisoned(run, loss_fn):
+    step_fn = real(run, loss_fn)
 
     def step(state, batch, i):
       state, metrics = step_fn(state, batch, i)

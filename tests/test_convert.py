@@ -130,17 +130,18 @@ def test_rejects_what_it_cannot_express(tmp_path):
     convert.from_hf_gpt2(str(tmp_path))
   with pytest.raises(UsageError, match="no config.json"):
     convert.from_hf_gpt2(str(tmp_path / "missing"))
-  from lm.model import ModelConfig, Transformer
+  from lm.config import model_config
+  from lm.model import Transformer
   from flax import nnx
-  rope = Transformer(ModelConfig(vocab_size=50, num_layers=1, d_model=16, num_heads=2,
-                                 max_seq_len=8), nnx.Rngs(0))
+  rope = Transformer(model_config(vocab_size=50, num_layers=1, d_model=16, num_heads=2,
+                                  max_seq_len=8), nnx.Rngs(0))
   with pytest.raises(UsageError, match="not GPT-2 shaped"):
     convert.to_hf_gpt2(rope, str(tmp_path / "out"))
 
 
 def test_cli_converted_workdir_samples_evaluates_and_fine_tunes(tmp_path, make_config):
   """python -m lm.convert, then run.py --mode=sample, eval and init_from on the result."""
-  from lm import evaluate, tokenizers, train
+  from lm import runtime, sample, tasks, tokenizers
   text = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to "
           "suffer\nThe slings and arrows of outrageous fortune,\n") * 40
   tok = tokenizers.BPETokenizer.train([text], 300)
@@ -168,18 +169,18 @@ def test_cli_converted_workdir_samples_evaluates_and_fine_tunes(tmp_path, make_c
   # Sampling in Python from the converted directory agrees with the HF weights' greedy choice.
   model = convert.from_hf_gpt2(str(hf_dir))
   prompt = tok.encode("To be, or")
-  greedy = evaluate.sample_workdir(make_config(), workdir, prompt="To be, or", temperature=0.0,
-                                   max_new_tokens=5, num_samples=1, top_k=0)[0]
+  greedy = sample.sample_workdir(make_config(), workdir, prompt="To be, or", temperature=0.0,
+                                 max_new_tokens=5, num_samples=1, top_k=0)[0]
   ids = list(prompt)
   for _ in range(5):
     ids.append(int(np.argmax(np.asarray(model(np.asarray([ids])))[0, -1])))
   assert greedy == "To be, or" + tok.decode(ids[len(prompt):])
   # Evaluation on a text file, and fine-tuning that starts at the converted weights' loss.
   config = make_config(**{"data.path": str(data), "data.seq_len": 16})
-  result = evaluate.evaluate_workdir(config, workdir)
+  result = runtime.evaluate(config, workdir, tasks.get("lm"))
   config = make_config(**{"data.path": str(data), "data.seq_len": 16, "train.num_steps": 1,
                           "train.warmup_steps": 0,
                           "train.log_every": 1, "train.init_from": workdir,
                           "train.learning_rate": 1e-12})  # > 0 (validated), moves nothing
-  out = train.train(config, str(tmp_path / "ft"))
+  out = runtime.train(config, str(tmp_path / "ft"), tasks.get("lm"))
   assert abs(out["val_loss"] - result["val_loss"]) < 1e-4 * max(1.0, result["val_loss"])

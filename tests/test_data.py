@@ -114,7 +114,7 @@ def test_jsonl_lines_end_at_newline_only(tmp_path):
 
 def test_line_separators_inside_a_line_of_a_play_stay_in_it():
   """clean_play and classify.speeches split lines on "\\n" only (old: splitlines broke them)."""
-  from lm import classify
+  from lm.tasks import classify
   play = "**HAMLET**\nTo be,\u2028or not\x85to be\n"
   assert data.clean_play(play) == "HAMLET:\nTo be,\u2028or not\x85to be\n"
   assert classify.speeches(data.clean_play(play)) == ["To be,\u2028or not\x85to be"]
@@ -171,9 +171,10 @@ def test_undecodable_bytes_of_a_command_line_prompt_become_replacement_character
   and printed back exactly (old code: UnicodeEncodeError)."""
   from flax import nnx
   from lm import sample
-  from lm.model import ModelConfig, Transformer
-  model = Transformer(ModelConfig(vocab_size=256, num_layers=1, d_model=16, num_heads=2,
-                                  max_seq_len=16), nnx.Rngs(0))
+  from lm.config import model_config
+  from lm.model import Transformer
+  model = Transformer(model_config(vocab_size=256, num_layers=1, d_model=16, num_heads=2,
+                                   max_seq_len=16), nnx.Rngs(0))
   cfg = ConfigDict({"prompt": "", "max_new_tokens": 3, "temperature": 0.0, "top_k": 0,
                     "top_p": 1.0, "num_samples": 1, "seed": 0})
   prompt = b"caf\xe9!".decode("utf-8", "surrogateescape")  # as sys.argv carries it

@@ -11,7 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from lm import classify, data, evaluate, train
+from lm import data, runtime, tasks
+from lm.tasks import classify
 from lm.errors import UsageError
 from tests.conftest import tiny_config
 
@@ -33,19 +34,19 @@ def source(tmp_path_factory):
                           "train.learning_rate": 3e-3, "train.eval_every": 60,
                           "train.checkpoint_every": 60, "train.log_every": 20})
   workdir = str(root / "source")
-  train.train(config, workdir)
+  runtime.train(config, workdir, tasks.get("lm"))
   return config, workdir, str(new), root
 
 
 def test_eval_covers_the_whole_split(source):
   config, workdir, new, _ = source
-  run, _, tokenizer, _ = evaluate.load(config, workdir)
+  run, _, tokenizer, _ = runtime.load(config, workdir)
   val = data.load_corpus(run.config.data, tokenizer).val
-  result = evaluate.evaluate_workdir(config, workdir)
+  result = runtime.evaluate(config, workdir, tasks.get("lm"))
   assert result["val_tokens"] == len(val) - 1  # every target once, not eval_batches' worth
   assert math.isclose(result["val_ppl"], math.exp(result["val_loss"]), rel_tol=1e-9)
   assert result["val_bpb"] > 0
-  on_new = evaluate.evaluate_workdir(config, workdir, data_path=new)
+  on_new = runtime.evaluate(config, workdir, tasks.get("lm"), data_path=new)
   assert on_new["data"] == new and on_new["val_tokens"] != result["val_tokens"]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -56,7 +57,7 @@ def test_eval_covers_the_whole_split(source):
 def test_finetuning_starts_at_the_checkpoint_loss(source):
   config, workdir, new, root = source
   # The source model's loss on the fine-tuning run's first batch, computed independently.
-  run, state, tokenizer, _ = evaluate.load(config, workdir)
+  run, state, tokenizer, _ = runtime.load(config, workdir)
   model = nnx.merge(run.graphdef, state)[0]
   ft = tiny_config(**{"data.path": new, "train.init_from": workdir, "train.num_steps": 15,
                       "train.log_every": 1, "train.eval_every": 15, "train.learning_rate": 1e-3,
@@ -69,10 +70,10 @@ def test_finetuning_starts_at_the_checkpoint_loss(source):
   want = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean())
   fresh = math.log(tokenizer.vocab_size)  # what a freshly initialised model starts near
   assert want < fresh - 1.0
-  before = evaluate.evaluate_workdir(config, workdir, data_path=new)["val_loss"]
+  before = runtime.evaluate(config, workdir, tasks.get("lm"), data_path=new)["val_loss"]
 
   ft_dir = str(root / "ft")
-  out = train.train(ft, ft_dir)
+  out = runtime.train(ft, ft_dir, tasks.get("lm"))
   with open(os.path.join(ft_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   first = next(r for r in records if r["step"] == 1 and "train_loss" in r)
@@ -117,9 +118,9 @@ def test_classifier_beats_majority_baseline_on_held_out_plays(tmp_path):
   with config.unlocked():
     config.classify = {"min_chars": 80, "balanced": True, "genres": "comedies,histories"}
   workdir = str(tmp_path / "genre")
-  out = classify.train(config, workdir)
+  out = runtime.train(config, workdir, tasks.get("classify"))
   assert out["val_plays"] == 2 and out["val_examples"] > 300
-  result = evaluate.evaluate_workdir(config, workdir)  # what run.py --mode=eval does
+  result = runtime.evaluate(config, workdir, tasks.get("classify"))  # run.py --mode=eval
   assert result["val_accuracy"] == pytest.approx(out["val_accuracy"])
   assert result["majority_class"] == "histories"
   print(result)

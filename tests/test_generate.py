@@ -9,7 +9,8 @@ from flax import nnx
 
 from lm import sample as sample_lib
 from lm.errors import UsageError
-from lm.model import ModelConfig, Transformer
+from lm.config import model_config
+from lm.model import Transformer
 
 VOCAB = 61
 
@@ -21,7 +22,7 @@ def random_model(seed, **overrides):
   compilation."""
   fields = dict(vocab_size=VOCAB, max_seq_len=48, num_layers=2, num_heads=4, d_model=32,
                 attention_impl="xla")
-  cfg = ModelConfig(**{**fields, **overrides})
+  cfg = model_config(**{**fields, **overrides})
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
   pure = jax.tree_util.tree_map_with_path(

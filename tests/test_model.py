@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from lm import attention
-from lm.model import ModelConfig, Transformer, num_params
+from lm.config import model_config
+from lm.model import Transformer, num_params
 
 VARIANTS = [
     dict(),
@@ -21,7 +22,7 @@ VARIANTS = [
 def small(**kw):
   base = dict(vocab_size=50, max_seq_len=32, num_layers=2, num_heads=4, d_model=32,
               attention_impl="xla")
-  return ModelConfig(**{**base, **kw})
+  return model_config(**{**base, **kw})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -109,7 +110,7 @@ def test_overfitting_one_batch_drives_loss_near_zero():
 def test_triton_attention_in_the_model_matches_xla(impl):
   """Loss and every parameter's gradient of a tiny GQA model with packed documents: our Triton
   kernels (CPU interpreter) against the XLA reference path, same parameters and tokens."""
-  from lm.train import cross_entropy
+  from lm.tasks.lm import cross_entropy
   rng = np.random.default_rng(3)
   tokens = jnp.asarray(rng.integers(0, 50, (2, 17)))
   segments = jnp.asarray(np.repeat([[0] * 7 + [1] * 10], 2, 0))

@@ -33,10 +33,10 @@ def test_tensorboard_reads_the_logged_scalars_at_their_steps(tmp_path):
   """The event files, read back with TensorBoard's own reader, hold train_loss and lr at every
   log step and val_loss at every eval step, with the values of metrics.jsonl."""
   from tensorboard.backend.event_processing import event_accumulator
-  from lm import train
+  from lm import runtime, tasks
   config = tiny_config(**{"train.num_steps": 6, "train.log_every": 2, "train.eval_every": 3,
                           "train.checkpoint_every": 6, "train.eval_batches": 1})
-  train.train(config, str(tmp_path))
+  runtime.train(config, str(tmp_path), tasks.get("lm"))
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
   acc.Reload()

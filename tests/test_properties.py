@@ -140,7 +140,7 @@ TEXT = "Ça m'émeut: naïve façade, cœur brûlé — «où?» dit Zoë. And t
 
 @pytest.mark.parametrize("tokenizer", ["byte", "char"])
 def test_validation_metrics_have_their_exact_values(tokenizer, tmp_path):
-  """val_loss, val_ppl, val_bpb and val_tokens of lm.train.evaluate on a bigram model, against
+  """val_loss, val_ppl, val_bpb and val_tokens of the lm task's evaluate on a bigram model, against
   float64 numpy over every target of the validation text (the ragged tail and the padding rows
   of the last batch included).
 
@@ -151,6 +151,7 @@ def test_validation_metrics_have_their_exact_values(tokenizer, tmp_path):
   (len(text) for val_bytes), and scoring padding (weights of 1
   everywhere in eval_batches) each fail."""
   from lm import data, train
+  from lm.tasks import lm as lm_task
   path = tmp_path / "text.txt"
   path.write_text(TEXT, encoding="utf-8")
   config = tiny_config(**{"data.path": str(path), "data.tokenizer": tokenizer,
@@ -159,7 +160,7 @@ def test_validation_metrics_have_their_exact_values(tokenizer, tmp_path):
   run = train.make_run(config, corpus.tokenizer.vocab_size)
   state = bigram_state(run, seed=3)
   with jax.set_mesh(run.mesh):
-    got = train.evaluate(run, train.make_eval_step(run), state, corpus, batch_size=8)
+    got = lm_task.TASK.evaluate(run, state, corpus, None)  # eval_batch_size 8
 
   ids = np.asarray(corpus.val)
   val_text = corpus.tokenizer.decode(ids)
@@ -178,7 +179,7 @@ def test_validation_metrics_have_their_exact_values(tokenizer, tmp_path):
 
 
 def test_classification_metrics_have_their_exact_values():
-  """lm.classify.evaluate (real eval step) and the train step's metrics on a bigram classifier
+  """lm.tasks.classify.evaluate (real eval step) and the train step's metrics on a bigram classifier
   (class logits from the last real token alone), against numpy: 13 held-out rows in batches
   of 4 (3 padding rows), labels chosen so that exactly 8 of 13 predictions are right.
 
@@ -187,9 +188,10 @@ def test_classification_metrics_have_their_exact_values():
   class, Dataset.majority from the held-out labels instead of the training ones, pooling the
   first token instead of the last (lengths - 1 -> 0 in Transformer.classify), and the train
   step's accuracy from an argmax over the wrong axis."""
-  from lm import classify, train
+  from lm import train
+  from lm.tasks import classify
   classes = ["comedies", "histories", "roman", "tragedies", "problems"]
-  config = tiny_config(**{"model.num_classes": len(classes)})
+  config = tiny_config(**{"model.num_classes": len(classes), "train.eval_batch_size": 4})
   vocab = 40
   run = train.make_run(config, vocab)
   state = bigram_state(run, seed=4)
@@ -210,8 +212,7 @@ def test_classification_metrics_have_their_exact_values():
                         classify.Examples(["x"] * n, labels, plays))
   assert ds.majority == 2  # the commonest training genre
   with jax.set_mesh(run.mesh):
-    got = classify.evaluate(run, classify.make_eval_step(run), state, ds.val, tokens, lengths,
-                            4, ds.majority, classes)
+    got = classify.evaluate(run, state, ds.val, tokens, lengths, ds.majority, classes)
   top = logits.max(-1)
   row_loss = top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(n), labels]
   counts = np.bincount(labels, minlength=len(classes))
@@ -226,10 +227,9 @@ def test_classification_metrics_have_their_exact_values():
 
   # The train step reports the loss and accuracy of the parameters before its update.
   with jax.set_mesh(run.mesh):
-    vec = classify._vector_sharding(run)
-    _, metrics = classify.make_train_step(run)(
-        state, train.put_batch(run, tokens[:12]), train.put_batch(run, lengths[:12], vec),
-        train.put_batch(run, labels[:12], vec), 0)
+    batch = {"tokens": tokens[:12], "lengths": lengths[:12], "labels": labels[:12]}
+    _, metrics = train.make_train_step(run, classify.TASK.loss)(
+        state, train.put_micro_batches(run, batch, 1), 0)
   assert float(metrics["train_loss"]) == pytest.approx(row_loss[:12].mean(), rel=1e-5)
   assert float(metrics["train_accuracy"]) == pytest.approx(8 / 12)
 
@@ -253,6 +253,7 @@ def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
   index), and dropout left on in evaluation (`deterministic=False` in Block) each fail."""
   from lm import train
   from lm.data import get_batch
+  from lm.tasks import lm as lm_task
   vocab = 50
   ids = np.random.default_rng(0).integers(0, vocab, 3000).astype(np.int32)
   batch = get_batch(ids, seed=0, step=0, batch_size=8, seq_len=32)
@@ -262,12 +263,12 @@ def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
   # Large random weights, so that dropout moves the loss a lot. Dropout has no parameters:
   # the same state serves both runs.
   state = random_state(run, seed=0)
-  step_fn = train.make_train_step(run)
+  step_fn = lm_task.train_step(run)
 
   def metrics(step, micro_batches=1):
     stacked = np.stack([batch] * micro_batches)
     with jax.set_mesh(run.mesh):
-      _, m = step_fn(fresh(state), train.put_batch(run, stacked, run.micro_batch_sharding), step)
+      _, m = step_fn(fresh(state), train.put_batch(run, {"tokens": stacked}, micro=True), step)
     return float(m["train_loss"]), float(m["grad_norm"])
 
   same = metrics(5)
@@ -277,11 +278,11 @@ def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
   # Two identical micro-batches, two masks: the mean loss is not the one-micro-batch loss.
   assert metrics(5, micro_batches=2)[0] != same[0]
 
-  evals, eval_steps = [], {p: train.make_eval_step(r) for p, r in runs.items()}
+  evals, eval_steps = [], {p: lm_task.eval_step(r) for p, r in runs.items()}
   for p in (0.3, 0.3, 0.0):
     with jax.set_mesh(runs[p].mesh):
-      s, c = eval_steps[p](state, train.put_batch(runs[p], batch),
-                           train.put_batch(runs[p], np.ones((8, 32), np.float32)))
+      s, c = eval_steps[p](state, train.put_batch(
+          runs[p], {"tokens": batch, "weights": np.ones((8, 32), np.float32)}))
     evals.append(float(s) / float(c))
   assert evals[0] == evals[1] == pytest.approx(evals[2], rel=1e-6)
   # Dropout changes what training sees: every training loss differs from the clean one
@@ -292,8 +293,9 @@ def test_dropout_masks_come_from_the_step_and_are_off_in_evaluation():
 def test_classifier_dropout_masks_come_from_the_step():
   """The classifier's train step with dropout 0.3: the same step twice gives the same loss,
   other steps other losses. Checked to fail: `key = jax.random.key(seed)` (no fold_in of the
-  step) in lm.classify.make_train_step."""
-  from lm import classify, train
+  step) in the classifier's train step (the shared lm.train.make_train_step)."""
+  from lm import train
+  from lm.tasks import classify
   run = train.make_run(tiny_config(**{"model.dropout": 0.3, "model.num_layers": 1,
                                       "model.num_classes": 3}), 50)
   state = random_state(run, seed=0)
@@ -301,12 +303,12 @@ def test_classifier_dropout_masks_come_from_the_step():
   tokens = rng.integers(0, 50, (8, 32)).astype(np.int32)
   lengths = rng.integers(1, 33, 8).astype(np.int32)
   labels = rng.integers(0, 3, 8).astype(np.int32)
-  step_fn, vec = classify.make_train_step(run), classify._vector_sharding(run)
+  step_fn = train.make_train_step(run, classify.TASK.loss)
 
   def loss(step):
     with jax.set_mesh(run.mesh):
-      _, m = step_fn(fresh(state), train.put_batch(run, tokens), train.put_batch(run, lengths, vec),
-                     train.put_batch(run, labels, vec), step)
+      batch = {"tokens": tokens, "lengths": lengths, "labels": labels}
+      _, m = step_fn(fresh(state), train.put_micro_batches(run, batch, 1), step)
     return float(m["train_loss"])
 
   assert loss(5) == loss(5)
@@ -320,7 +322,8 @@ def test_classifier_dropout_masks_come_from_the_step():
 _DRAW_BATCHES = """
 import hashlib, json, sys, types
 import numpy as np
-from lm import classify, data
+from lm import data
+from lm.tasks import classify
 cfg = types.SimpleNamespace(path=sys.argv[1], tokenizer="char", val_fraction=0.25, seq_len=16,
                             text_field="text")
 corpus = data.load_corpus(cfg)
@@ -389,6 +392,7 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(monkeypatch):
   agreement: 1.2e-6 of the largest entry."""
   from lm import train
   from lm.data import get_batch
+  from lm.tasks import lm as lm_task
   make_optimizer = train.make_optimizer
   monkeypatch.setattr(train, "make_optimizer", lambda tc: (capture_gradients(),
                                                            make_optimizer(tc)[1]))
@@ -410,9 +414,8 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(monkeypatch):
     config = tiny_config(**{"train.grad_accum": accum, "model.num_layers": 1})
     run = train.make_run(config, vocab)
     with jax.set_mesh(run.mesh):
-      out, metrics = train.make_train_step(run)(
-          fresh(state), train.put_batch(run, batch.reshape(accum, 8 // accum, -1),
-                                        run.micro_batch_sharding), 7)
+      out, metrics = lm_task.train_step(run)(
+          fresh(state), train.put_micro_batches(run, {"tokens": batch}, accum), 7)
     got = nnx.to_pure_dict(out)[1]["opt_state"]
     assert float(metrics["train_loss"]) == pytest.approx(float(want_loss), rel=1e-6)
     assert float(metrics["grad_norm"]) == pytest.approx(want_norm, rel=1e-5)

@@ -23,8 +23,8 @@ TINY = ["--config=experiments/base.py", "--config.model.num_layers=2", "--config
 
 
 def final_state(workdir):
-  from lm import evaluate
-  run, state, _, step = evaluate.load(tiny_config(), workdir)
+  from lm import runtime
+  run, state, _, step = runtime.load(tiny_config(), workdir)
   return step, jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
 
@@ -95,6 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_gradient_accumulation_matches_one_big_batch():
   from lm import train
   from lm.data import get_batch
+  from lm.tasks import lm as lm_task
   results = []
   for accum in (1, 4):
     config = tiny_config(**{"train.grad_accum": accum})
@@ -103,7 +104,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     ids = np.random.default_rng(0).integers(0, 300, 5000).astype(np.int32)
     batch = get_batch(ids, seed=0, step=0, batch_size=8, seq_len=32).reshape(accum, 8 // accum, -1)
     with jax.set_mesh(run.mesh):
-      state, m = train.make_train_step(run)(state, train.put_batch(run, batch, run.micro_batch_sharding), 0)
+      state, m = lm_task.train_step(run)(state, train.put_batch(run, {"tokens": batch}, micro=True), 0)
     results.append((float(m["train_loss"]), jax.tree.map(np.asarray, nnx.to_pure_dict(state))))
   assert abs(results[0][0] - results[1][0]) < 1e-5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
