@@ -32,7 +32,10 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=None):
+def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=None,
+              rules=sharding.DEFAULT_RULES):
+  """softmax(QK^T/sqrt(d))V by `impl`; `rules` (config.mesh.rules) place the Triton kernels'
+  per-device blocks under a mesh."""
   impl = resolve_impl(impl)
   if impl == "xla":
     return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids)
@@ -46,7 +49,7 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
   import kernels  # imported lazily: the xla path never needs Triton
   fn = kernels.flash_attention if impl == "triton" else kernels.fused_softmax_attention
   # A custom call cannot partition itself: under a mesh, shard_map it over batch and heads.
-  return sharding.shard_heads(fn, q, k, v, causal=causal, segment_ids=segment_ids)
+  return sharding.shard_heads(fn, q, k, v, rules=rules, causal=causal, segment_ids=segment_ids)
 
 
 def _scores(q, k, kv_layout="bskd"):

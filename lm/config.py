@@ -17,8 +17,23 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Every field of a run config with its default (arg "smoke": a 30-step plumbing run)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.model, config.data, config.train = _model(), _data(), _train()
+  config.mesh, config.sample = _mesh(), _sample()
+  if arg == "smoke":
+    config.train.num_steps = 30
+    config.train.warmup_steps = 10  # warmup may not exceed the steps
+    config.train.log_every = 10
+    config.train.eval_every = 30
+    config.train.eval_batches = 2
+    config.train.checkpoint_every = 30
+    config.sample.max_new_tokens = 40
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r} (known: smoke)")
+  return config
 
-  config.model = model = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+  model = ml_collections.ConfigDict()
   model.num_layers = 4
   model.num_heads = 4
   model.num_kv_heads = 0  # 0: multi-head; fewer than num_heads: grouped-query attention
@@ -36,8 +51,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.rope_theta = 10000.0
   model.dtype = "float32"  # compute dtype: bfloat16 on GPU
   model.num_classes = 0  # > 0 adds a sequence-classification head
+  return model
 
-  config.data = data = ml_collections.ConfigDict()
+def _data() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
   data.path = ""  # "": the embedded plays; else text files / glob, *.jsonl, *.bin / *.npy
   data.tokenizer = "char"  # char | byte | bpe | path to a tokenizer.json
   data.vocab_size = 1024  # bpe only: the vocabulary to train
@@ -45,8 +62,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.val_fraction = 0.1
   data.text_field = "text"  # jsonl only
   data.token_dtype = "uint16"  # *.bin only
+  return data
 
-  config.train = train = ml_collections.ConfigDict()
+def _train() -> ml_collections.ConfigDict:
+  train = ml_collections.ConfigDict()
   train.task = "lm"  # an objective of lm/tasks/: lm (next token) | classify (genre)
   train.num_steps = 1100
   train.batch_size = 12  # global, over all devices and micro-batches
@@ -65,14 +84,18 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.checkpoint_every = 1000
   train.keep_checkpoints = 3
   train.init_from = ""  # a workdir or converted checkpoint to fine-tune from
+  return train
 
-  config.mesh = mesh = ml_collections.ConfigDict()
+def _mesh() -> ml_collections.ConfigDict:
+  mesh = ml_collections.ConfigDict()
   mesh.data = -1  # -1: all remaining devices
   mesh.fsdp = 1
   mesh.tensor = 1
   mesh.rules = DEFAULT_RULES
+  return mesh
 
-  config.sample = sample = ml_collections.ConfigDict()
+def _sample() -> ml_collections.ConfigDict:
+  sample = ml_collections.ConfigDict()
   sample.num_samples = 2
   sample.max_new_tokens = 200
   sample.temperature = 0.8
@@ -80,19 +103,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sample.top_p = 1.0
   sample.prompt = ""
   sample.seed = 0
-
-  if arg == "smoke":
-    train.num_steps = 30
-    train.warmup_steps = 10  # warmup may not exceed the steps
-    train.log_every = 10
-    train.eval_every = 30
-    train.eval_batches = 2
-    train.checkpoint_every = 30
-    sample.max_new_tokens = 40
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r} (known: smoke)")
-  return config
-
+  return sample
 
 def model_config(vocab_size: int, **fields):
   """ModelConfig of the default model section with `fields` replaced (tests, lm.convert)."""

@@ -166,8 +166,9 @@ class LayerCache(NamedTuple):
 class Attention(nnx.Module):
   """Causal multi-head self-attention softmax(QK^T/sqrt(d_k))V with grouped-query K/V."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
     self.cfg = cfg
+    self.rules = rules
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     std = 0.02
     out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2's scaled init of residual outputs
@@ -192,7 +193,7 @@ class Attention(nnx.Module):
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     if cache is None:
       out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=True,
-                                    segment_ids=segment_ids)
+                                    segment_ids=segment_ids, rules=self.rules)
     else:
       # Decoding: write this chunk at cache_index, attend over the whole (masked) cache.
       def write(c, new):  # the chunk [B, T, kv, d] goes in at slot cache_index of [B, kv, len, d]
@@ -230,10 +231,10 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Attention and MLP sublayers with residuals; pre-LN: x + f(LN(x)), post-LN: LN(x + f(x))."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
     self.pre = cfg.norm == "pre"
     self.ln1, self.ln2 = LayerNorm(cfg, rngs), LayerNorm(cfg, rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, rules)
     self.mlp = MLP(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
@@ -251,16 +252,21 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Token ids [B, T] -> next-token logits [B, T, vocab] (fp32)."""
+  """Token ids [B, T] -> next-token logits [B, T, vocab] (fp32).
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  rules: the logical-to-mesh axis rules (config.mesh.rules) its activations and attention
+  kernels are placed by under a mesh; part of the graph, not of the parameters.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
     self.cfg = cfg
+    self.rules = rules = tuple(tuple(r) for r in rules)
     self.embed = param(rngs, normal(0.02), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
     if cfg.positions == "learned":
       self.pos_embed = param(rngs, normal(0.01), (cfg.max_seq_len, cfg.d_model), (None, "embed"))
     else:
       self.pos_embed = None
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs, rules) for _ in range(cfg.num_layers)])
     self.ln_f = LayerNorm(cfg, rngs) if cfg.norm == "pre" else None
     if not cfg.tie_embeddings:
       self.head = param(rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
@@ -289,7 +295,7 @@ class Transformer(nnx.Module):
     new_cache = []
     for i, block in enumerate(self.blocks):
       # Residual stream split over batch only (no-op without a mesh): weights are gathered.
-      x = sharding.constrain(x, ("batch", None, None))
+      x = sharding.constrain(x, ("batch", None, None), self.rules)
       x, c = block(x, positions, segment_ids, None if cache is None else cache[i], cache_index, rngs)
       new_cache.append(c)
     if self.ln_f is not None:

@@ -8,17 +8,17 @@ RULE_SETS names narrower lists (pure DP, FSDP only, TP only) for when a mesh axi
 used for the batch alone.
 
 Inside a jitted function traced under `jax.set_mesh(mesh)`:
-  constrain(x, ("batch", None, None))   a sharding constraint by logical names
-  shard_heads(kernel, q, k, v, ...)     runs an attention kernel that cannot partition itself
-                                        (the Triton custom call) per device, under shard_map
-Both do nothing special without a mesh or on one device.
+  constrain(x, ("batch", None, None), rules)   a sharding constraint by logical names
+  shard_heads(kernel, q, k, v, rules=...)      runs an attention kernel that cannot partition
+                                               itself (the Triton custom call) per device,
+                                               under shard_map
+Both do nothing special without a mesh or on one device. The rules are always an argument:
+the model holds its run's rules (lm.model.Transformer(cfg, rngs, rules)), so a trace never
+falls back on rules it was not given.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import math
 
 import jax
@@ -50,34 +50,6 @@ RULE_SETS = {
     "tp": _BATCH + _TP,  # Megatron: heads and MLP hidden split, vocab split
     "fsdp_tp": DEFAULT_RULES,
 }
-
-_RULES = contextvars.ContextVar("lm_axis_rules", default=DEFAULT_RULES)
-
-
-@contextlib.contextmanager
-def axis_rules(rules):
-  """Rules used by `constrain` and `shard_heads` while tracing (default: DEFAULT_RULES)."""
-  token = _RULES.set(tuple(tuple(r) for r in rules))
-  try:
-    yield
-  finally:
-    _RULES.reset(token)
-
-
-def current_rules() -> tuple:
-  return _RULES.get()
-
-
-def with_rules(fn, rules):
-  """`fn` traced under `axis_rules(rules)` (wrap a function before jax.jit)."""
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with axis_rules(rules):
-      return fn(*args, **kwargs)
-
-  return wrapped
-
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   """Mesh of shape (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
@@ -169,30 +141,31 @@ def _fit(entry, dim: int, mesh):
   return tuple(kept) or None
 
 
-def constrain(x, axes):
-  """with_sharding_constraint by logical axis names under the current mesh; a no-op without
-  one. A mesh axis that does not divide its dimension is dropped (e.g. batch 1 when sampling)."""
+def constrain(x, axes, rules=DEFAULT_RULES):
+  """with_sharding_constraint by logical axis names (mapped by `rules`) under the current
+  mesh; a no-op without one. A mesh axis that does not divide its dimension is dropped (e.g.
+  batch 1 when sampling)."""
   mesh = _active_mesh()
   if mesh is None:
     return x
-  spec = logical_to_spec(axes, current_rules())
+  spec = logical_to_spec(axes, rules)
   return jax.lax.with_sharding_constraint(
       x, P(*(_fit(e, d, mesh) for e, d in zip(spec, x.shape))))
 
 
-def shard_heads(kernel, q, k, v, *, segment_ids=None, **kwargs):
+def shard_heads(kernel, q, k, v, *, rules=DEFAULT_RULES, segment_ids=None, **kwargs):
   """`kernel(q, k, v, segment_ids=..., **kwargs)` run by every device on its own shard.
 
   A Triton custom call (or the interpreter's pure_callback) cannot be partitioned by XLA,
   which would all-gather q, k, v and run it whole everywhere. Attention is independent per
   (batch row, head), so shard_map splits batch over the mesh axes of "batch" and heads (query
-  and key/value alike) over those of "heads" and calls the kernel on the local blocks.
+  and key/value alike) over those of "heads" (by `rules`) and calls the kernel on the local
+  blocks.
   q [B, T, H, D], k/v [B, S, KVH, D], segment_ids None, [B, T] or a pair ([B, T], [B, S]).
   """
   mesh = _active_mesh()
   if mesh is None:
     return kernel(q, k, v, segment_ids=segment_ids, **kwargs)
-  rules = current_rules()
   batch = _fit(logical_to_spec(("batch",), rules)[0], q.shape[0], mesh)
   heads = _mesh_axes(logical_to_spec(("heads",), rules)[0], mesh)
   n = math.prod(mesh.shape[a] for a in heads)

@@ -4,9 +4,9 @@
 (AdamW, warmup + cosine); `init_state` creates the state already sharded; `make_train_step`
 turns a task's loss into one `jax.jit` with in/out shardings (pjit) over `nnx.State`, with
 gradient accumulation as a `lax.scan` over micro-batches and dropout keys from (seed, step,
-micro-batch); `make_eval_step` does the same for a task's evaluation function. Both trace
-under the run's own `config.mesh.rules`, whatever the task. The model is merged from the
-state inside the trace, so no Python object graph is walked per step. The run's lifecycle
+micro-batch); `make_eval_step` does the same for a task's evaluation function. The model's
+graph holds the run's own `config.mesh.rules` (Transformer(cfg, rngs, rules)), so every
+task's steps place activations by them. The model is merged from the state inside the trace, so no Python object graph is walked per step. The run's lifecycle
 (data, resume, loop, metrics, checkpoints) is lm/runtime.py.
 """
 
@@ -104,15 +104,15 @@ class Run:
     return abstract_state(self.model_cfg, self.tx, self.mesh, self.rules)
 
 
-def _build(model_cfg: ModelConfig, tx, seed: int):
-  model = Transformer(model_cfg, nnx.Rngs(params=jax.random.key(seed)))
+def _build(model_cfg: ModelConfig, tx, seed: int, rules):
+  model = Transformer(model_cfg, nnx.Rngs(params=jax.random.key(seed)), rules)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def abstract_state(model_cfg: ModelConfig, tx, mesh, rules) -> nnx.State:
   """The train state of `model_cfg` as ShapeDtypeStructs with their shardings (a restore
   target), allocating nothing."""
-  abstract = nnx.state(nnx.eval_shape(lambda: _build(model_cfg, tx, 0)))
+  abstract = nnx.state(nnx.eval_shape(lambda: _build(model_cfg, tx, 0, rules)))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, sharding.state_shardings(abstract, mesh, rules))
 
@@ -122,14 +122,14 @@ def make_run(config, vocab_size: int, mesh=None) -> Run:
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.mesh.rules)
   tx, schedule = make_optimizer(config.train)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(model_cfg, tx, 0)))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(model_cfg, tx, 0, rules)))
   return Run(config, model_cfg, mesh, rules, graphdef,
              sharding.state_shardings(abstract, mesh, rules), tx, schedule)
 
 
 def init_state(run: Run, seed: int) -> nnx.State:
   """Fresh parameters and optimizer state, created already sharded (never whole on one device)."""
-  init = jax.jit(lambda: nnx.state(_build(run.model_cfg, run.tx, seed)),
+  init = jax.jit(lambda: nnx.state(_build(run.model_cfg, run.tx, seed, run.rules)),
                  out_shardings=run.shardings)
   with jax.set_mesh(run.mesh):
     return init()
@@ -172,7 +172,7 @@ def make_train_step(run: Run, loss_fn):
                "lr": run.schedule(step)}
     return nnx.state((model, opt)), metrics
 
-  return jax.jit(sharding.with_rules(step_fn, run.rules), in_shardings=(run.shardings, None, None),
+  return jax.jit(step_fn, in_shardings=(run.shardings, None, None),
                  out_shardings=(run.shardings, None), donate_argnums=0)
 
 
@@ -189,7 +189,7 @@ def make_eval_step(run: Run, eval_fn):
     return eval_fn(model, batch)
 
   replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(sharding.with_rules(fn, run.rules), in_shardings=(run.shardings, None),
+  step = jax.jit(fn, in_shardings=(run.shardings, None),
                  out_shardings=replicated)
   run.eval_steps[eval_fn] = step
   return step

@@ -136,6 +136,11 @@ CASES = [
     ("top_p_zero", ["--mode=sample", "--top_p=0"], "sample.top_p=0.0"),
     ("negative_temperature", ["--mode=sample", "--temperature=-1"], "sample.temperature=-1.0"),
     ("resume_other_shape", ["--config.model.d_ff=96"], "model.d_ff=64"),
+    # Issue 13: fields that change numerics, not shapes, were resumed silently (old: exit 0).
+    ("resume_other_rope_theta", ["--config.model.rope_theta=500000.0"],
+     "checkpoint has model.rope_theta=10000.0 but the config says 500000.0"),
+    ("resume_other_ln_eps", ["--config.model.ln_eps=1e-6"],
+     "checkpoint has model.ln_eps=1e-05 but the config says 1e-06"),
     ("init_from_missing", ["--config.train.init_from=/nonexistent/run"], "/nonexistent/run"),
     ("eval_data_missing", ["--mode=eval", "--data_path=/nonexistent.txt"], "matches no file"),
     ("unknown_key", ["--config.train.num_step=3"], "num_step"),

@@ -79,7 +79,7 @@ def test_finetuning_starts_at_the_checkpoint_loss(source):
   first = next(r for r in records if r["step"] == 1 and "train_loss" in r)
   assert abs(first["train_loss"] - want) < 1e-4
   assert out["val_loss"] < before  # continued MLE on the new data helps on the new data
-  ckpt, meta = train.ckpt_lib.read_meta(ft_dir)
+  ckpt, meta = runtime.ckpt_lib.read_meta(ft_dir)
   ckpt.close()
   assert meta["config"]["model"]["d_model"] == 32  # adopted from the source
   assert json.loads(meta["tokenizer"]) == json.loads(tokenizer.to_json())
