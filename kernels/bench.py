@@ -26,14 +26,11 @@ import statistics
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import kernels  # noqa: E402
+import kernels
 
 IMPLS = ("xla", "xla_triton_softmax", "triton_flash", "cudnn")
 

@@ -445,13 +445,6 @@ def _dot_precision(dtype) -> str:
     return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
 
-def _compute_dtype(cfg: _Cfg, dtype):
-    # Inputs keep their dtype on both paths (tiles are upcast to fp32 inside
-    # tl.dot; bridge patches the interpreter's bf16 dot, see bridge.py).
-    del cfg
-    return dtype
-
-
 def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int):
     """(BLOCK_M, BLOCK_N), or None to autotune; head_dim is the effective one."""
     if cfg.block_sizes is not None:
@@ -463,7 +456,7 @@ def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int):
     return None  # autotune
 
 
-def _seg_operands(cfg: _Cfg, b: int, segs):
+def _seg_operands(cfg: _Cfg, segs):
     if cfg.has_seg:
         return segs
     dummy = jnp.zeros((1,), jnp.int32)
@@ -476,9 +469,11 @@ def _fwd_impl(cfg: _Cfg):
         b, tq, h, d = q.shape
         _, tk, kvh, _ = k.shape
         dtype = q.dtype
-        cdt = _compute_dtype(cfg, dtype)
+        # Inputs keep their dtype on both paths (tiles are upcast to fp32 inside
+        # tl.dot; bridge patches the interpreter's bf16 dot, see bridge.py).
+        cdt = dtype
         q, k, v = (x.astype(cdt) for x in (q, k, v))
-        qseg, kseg = _seg_operands(cfg, b, segs)
+        qseg, kseg = _seg_operands(cfg, segs)
         out_shape = [jax.ShapeDtypeStruct(q.shape, cdt),
                      jax.ShapeDtypeStruct((b, h, tq), jnp.float32)]
         consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
@@ -506,10 +501,10 @@ def _bwd_impl(cfg: _Cfg):
     def bwd(q, k, v, o, lse, do, *segs):
         b, tq, h, d = q.shape
         _, tk, kvh, _ = k.shape
-        cdt = _compute_dtype(cfg, q.dtype)
+        cdt = q.dtype  # as in the forward: no change of dtype but q's
         dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v, o, do = (x.astype(cdt) for x in (q, k, v, o, do))
-        qseg, kseg = _seg_operands(cfg, b, segs)
+        qseg, kseg = _seg_operands(cfg, segs)
         consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
         blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))

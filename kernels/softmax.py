@@ -97,7 +97,6 @@ class _SoftmaxCfg:
     scale: float
     has_seg: bool
     interpret: bool
-    num_heads: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +170,7 @@ def masked_softmax(scores, *, scale: float = 1.0, causal: bool = False, q_segmen
     if has_seg != (kv_segment_ids is not None):
         raise ValueError("masked_softmax: pass both q_segment_ids and kv_segment_ids, or neither.")
     cfg = _SoftmaxCfg(causal=bool(causal), scale=float(scale), has_seg=has_seg,
-                      interpret=bridge.use_interpreter(), num_heads=scores.shape[1])
+                      interpret=bridge.use_interpreter())
     out_dtype = jnp.dtype(out_dtype or scores.dtype)
     q_seg = None if not has_seg else jnp.asarray(q_segment_ids, jnp.int32)
     kv_seg = None if not has_seg else jnp.asarray(kv_segment_ids, jnp.int32)
