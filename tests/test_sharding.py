@@ -128,7 +128,7 @@ def test_golden_partition_specs(which):
   seen = set()
   for name, model in MODELS.items():
     run = train.make_run(_config(**model), 64)
-    state = train._abstract_state(run.model_cfg, run.tx)
+    state = run.abstract_state()
     for path, spec in sharding.partition_specs(state, sharding.RULE_SETS[which], mesh).items():
       key = golden_key(path)
       if key is None:
@@ -176,7 +176,7 @@ def test_undivisible_dimensions_stay_whole():
   """A 65-character vocabulary over tensor=2 is replicated instead of failing in jit."""
   c = _config()
   run = train.make_run(c, 65)
-  state = train._abstract_state(run.model_cfg, run.tx)
+  state = run.abstract_state()
   specs = sharding.partition_specs(state, sharding.DEFAULT_RULES,
                                    AbstractMesh((1, 2, 2), sharding.MESH_AXES))
   assert specs["0/embed"] == P(None, "fsdp")
