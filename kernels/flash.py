@@ -377,6 +377,12 @@ _BWD_CONFIGS = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
                 (128, 32, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)]
 # fixed GPU config when autotuning is disabled (KERNELS_AUTOTUNE=0)
 _GPU_FIXED = {32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (64, 32), 512: (32, 32)}
+# fp32 inputs are the exact (input_precision="ieee") path: tl.dot becomes
+# unrolled FMAs, not tensor-core MMAs, so it is a correctness path, never a
+# fast one.  One small fixed tile, no autotuning: each fp32 configuration
+# takes 5-30 s to compile (measured in tests/test_gpu_lowering.py) and
+# jax-triton would compile the whole list at every lowering.
+_GPU_FP32 = (32, 32)
 
 
 def _effective_dim(head_dim: int, dtype) -> int:
@@ -452,12 +458,14 @@ def _compute_dtype(cfg: _Cfg, dtype):
     return dtype
 
 
-def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int):
+def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int, dtype):
     """(BLOCK_M, BLOCK_N), or None to autotune; head_dim is the effective one."""
     if cfg.block_sizes is not None:
         return cfg.block_sizes
     if cfg.interpret:
         return interpreter_block_sizes(tq, tk)
+    if jnp.dtype(dtype) == jnp.float32:
+        return _GPU_FP32
     if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
         return _GPU_FIXED[head_dim]
     return None  # autotune
@@ -483,7 +491,7 @@ def _fwd_impl(cfg: _Cfg):
                      jax.ShapeDtypeStruct((b, h, tq), jnp.float32)]
         consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
-        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))
+        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt), cdt)
         args = (q, k, v, qseg, kseg, cfg.scale, tq, tk, h, kvh)
         if blocks is None:
             o, lse = bridge.triton_call(
@@ -512,7 +520,7 @@ def _bwd_impl(cfg: _Cfg):
         qseg, kseg = _seg_operands(cfg, b, segs)
         consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
-        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))
+        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt), cdt)
         pre_bm = blocks[0] if blocks is not None else 64
         (delta,) = bridge.triton_call(
             _bwd_preprocess, o, do, tq, h,

@@ -327,6 +327,34 @@ def test_bridge_poisons_outputs():
     assert np.array_equal(o[:4], np.arange(4)) and np.isnan(o[4:]).all()
 
 
+@triton.jit
+def scalar_probe(X, s, n, O, BLOCK: tl.constexpr):
+    """Checks the types of its scalar arguments: at compile time on the GPU path
+    (tests/test_gpu_lowering.py), at run time in the interpreter."""
+    tl.static_assert(s.dtype == tl.float32)
+    tl.static_assert(n.dtype == tl.int32)
+    offs = tl.arange(0, BLOCK)
+    tl.store(O + offs, tl.load(X + offs) * s + n)
+
+
+def test_python_float_scalar_is_fp32_in_the_interpreter():
+    """A Python float / int reaching the bridge is an fp32 / int32 kernel argument,
+    as on the GPU path (before, the interpreter kept a Python float, which has no
+    dtype: the static_assert failed on the old bridge)."""
+    x = jnp.arange(16, dtype=jnp.float32)
+    (o,) = bridge.triton_call(scalar_probe, x, 0.1, 3,
+                              out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), grid=(1,),
+                              interpret=True, BLOCK=16)
+    want = np.arange(16, dtype=np.float32) * np.float32(0.1) + np.float32(3)
+    assert np.array_equal(np.asarray(o), want)
+    assert bridge.typed_scalar(0.1).dtype == np.float32
+    assert bridge.typed_scalar(7).dtype == np.int32
+    with pytest.raises(ValueError, match="int32"):
+        bridge.typed_scalar(2**31)
+    with pytest.raises(TypeError, match="float64"):
+        bridge.typed_scalar(np.float64(0.5))
+
+
 def test_interpreter_leaves_triton_language_untouched():
     """Interpreted launches must not leak patches into triton.language (GPU
     compilation in the same process relies on it)."""
