@@ -56,6 +56,7 @@ class ModelConfig:
         raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+    attention_lib.check_impl(self.attention_impl, self.head_dim)
 
   @property
   def kv_heads(self) -> int:

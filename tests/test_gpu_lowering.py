@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # about 75 s of CPU: every configuration is compiled
+
 jt_lib = pytest.importorskip("jax_triton.triton_lib", reason="needs jax-triton (the test extra)")
 
 import kernels  # noqa: E402
@@ -54,6 +56,7 @@ FLASH_CASES = [
     ("bf16-d64", jnp.bfloat16, 64, False, False, 4, 4),
     ("fp32-d64-causal-seg-gqa", jnp.float32, 64, True, True, 4, 2),
     ("fp32-d128", jnp.float32, 128, False, False, 4, 4),
+    ("bf16-d80-causal-gqa", jnp.bfloat16, 80, True, False, 4, 2),  # padded to a 128 tile
 ]
 FUSED_CASES = [
     ("bf16-d128-causal-seg-gqa", jnp.bfloat16, 128, True, True, 8, 2),
