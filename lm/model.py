@@ -61,6 +61,7 @@ class ModelConfig:
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim (model.d_model / "
                        f"model.num_heads), got {self.head_dim}")
+    attention_lib.check_impl(self.attention_impl, self.head_dim)
 
   @property
   def kv_heads(self) -> int:
