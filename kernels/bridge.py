@@ -28,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.abc
 import inspect
 import os
+import sys
 import threading
 import types
 from typing import Any, Callable, Sequence
@@ -454,15 +456,42 @@ def _fast_create_dot(builder, original, a, b, d, input_precision, max_num_imprec
 _WARMED = False
 
 
+class _RefuseTorch(importlib.abc.MetaPathFinder):
+    """Refuses `import torch` (and torch.*): see :func:`_warm_lazy_imports`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"{name} is never imported by kernels/", name=name)
+        return None
+
+
 def _warm_lazy_imports() -> None:
-    """Trigger Triton's lazy imports (e.g. gluon, imported by the type mangler)
-    while triton.language is unpatched: some of them assert on its JITFunctions."""
+    """Run Triton's one-time initialisation of its argument specializer, with
+    ``import torch`` refused, before anything else calls it.
+
+    Triton's native specializer (``native_specialize_impl``, used by the
+    interpreter's launches, by ``mangle_type`` and by jax-triton when it lowers a
+    kernel) imports torch on its first call, to recognise torch tensors: where
+    torch is installed, that would load it into our process.  Refused here, the
+    import fails, Triton carries on without it, and later calls never try again.
+    The same first call triggers Triton's lazy imports (e.g. gluon), which must
+    happen while triton.language is unpatched: some of them assert on its
+    JITFunctions.
+    """
     global _WARMED
     if _WARMED:
         return
     from triton.runtime.jit import mangle_type
-    for probe in (_NumpyTensor(np.zeros(1, np.float32)), 1, 1.0, True):
-        mangle_type(probe)
+    refuse = None
+    if "torch" not in sys.modules:  # already imported by the user: nothing to protect
+        refuse = _RefuseTorch()
+        sys.meta_path.insert(0, refuse)
+    try:
+        for probe in (_NumpyTensor(np.zeros(1, np.float32)), 1, 1.0, True):
+            mangle_type(probe)
+    finally:
+        if refuse is not None:
+            sys.meta_path.remove(refuse)
     _WARMED = True
 
 
@@ -578,6 +607,8 @@ def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
 
     if not interpret:
         import jax_triton as jt  # lazy: GPU-only dependency
+
+        _warm_lazy_imports()  # before jax-triton's lowering calls Triton's specializer
 
         params = inspect.signature(jt.triton_call).parameters
         out_kw = "out_type" if "out_type" in params else "out_shape"
