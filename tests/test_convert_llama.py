@@ -139,7 +139,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_numpy_llama(tmp_path, case):
   """Fails on the old code (GPT-2 only). Checked once each: interleaved RoPE pairs, ignoring
-  the llama3 scaling, or rope_parameters' theta, make it fail (rel. err 1e-1..1e-3)."""
+  the llama3 scaling, or ignoring rope_parameters' theta make it fail (rel. err 0.5-0.8)."""
   seed = 21  # fixed: a failure must reproduce
   kw = dict(CASES[case])
   tensors, config = write_llama(str(tmp_path), seed=seed, **kw)
@@ -176,15 +176,13 @@ def test_export_import_round_trip_exact(tmp_path, case):
 
 def test_greedy_decoding_with_cache_equals_full_forwards(tmp_path):
   from lm import sample
+  from tests.test_generate import greedy_without_cache
   write_llama(str(tmp_path), seed=23, rope_scaling=LLAMA3)
   model = convert.from_hf(str(tmp_path))
   prompts = [[3, 14, 15, 9, 26], [5, 35]]  # left-padded to one batch: positions must restart
   got = sample.generate(model, prompts, max_new_tokens=12, temperature=0.0)
   for prompt, (seq,) in zip(prompts, got):
-    ids = list(prompt)
-    for _ in range(12):
-      ids.append(int(np.argmax(np.asarray(model(np.asarray([ids])))[0, -1])))
-    assert list(seq) == ids[len(prompt):]
+    np.testing.assert_array_equal(seq, greedy_without_cache(model, prompt, 12))
 
 
 def test_sliding_window_shorter_than_context_clips_it(tmp_path):
@@ -208,7 +206,6 @@ def _cli_error(capsys, hf_dir, workdir):
 
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):
-  """Each was checked to be a traceback or a silent mis-load on the old code."""
   hf = str(tmp_path / "hf")
   write_llama(hf, shards=2)
   _edit_config(hf, rope_scaling={"rope_type": "yarn", "factor": 4.0})
@@ -231,7 +228,8 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_converted_workdir_evaluates_samples_and_fine_tunes(tmp_path, make_config):
   """hf_to_workdir on a bf16 Llama (llama3 rope, rms eps 1e-5: numeric fields the base config
-  does not share), then eval, greedy sampling and init_from in process."""
+  does not share), then eval, greedy sampling, init_from and export in process. Checked: with
+  evaluate.load taking only the shape fields from the checkpoint, the greedy sample differs."""
   from lm import evaluate, tokenizers, train
   text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 30
   tok = tokenizers.BPETokenizer.train([text], 300)
