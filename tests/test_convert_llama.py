@@ -259,3 +259,18 @@ def test_converted_workdir_evaluates_samples_and_fine_tunes(tmp_path, make_confi
   exported = load_file(str(tmp_path / "out" / "model.safetensors"))
   for name, value in exported.items():  # lr 0: the bf16 weights, exactly, in fp32
     np.testing.assert_array_equal(value, tensors[name.removeprefix("model.")], err_msg=name)
+
+
+def test_checkpoints_from_before_the_llama_fields_still_resume(make_config):
+  """A checkpoint's config written before norm_type, qkv_bias and rope_scaling existed means
+  LayerNorm, no q/k/v-only biases, no scaling (without train.LEGACY_DEFAULTS: "has
+  model.norm_type=None but the config says 'layernorm'")."""
+  from lm import train
+  config = make_config()
+  saved = config.to_dict()
+  for field in ("norm_type", "qkv_bias", "rope_scaling"):
+    del saved["model"][field]
+  train._check_resumable(saved, config)
+  config.model.norm_type = "rmsnorm"
+  with pytest.raises(UsageError, match="model.norm_type='layernorm' but the config says 'rms"):
+    train._check_resumable(saved, config)
