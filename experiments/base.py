@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.token_dtype = "uint16"  # *.bin only
 
   config.train = train = ml_collections.ConfigDict()
+  train.task = "lm"  # lm (next-token, lm/train.py) | classify (lm/classify.py)
   train.num_steps = 1100
   train.batch_size = 12  # global, over all devices and micro-batches
   train.grad_accum = 1
@@ -88,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "smoke":
     train.num_steps = 30
+    train.warmup_steps = 10  # warmup may not exceed the steps
     train.log_every = 10
     train.eval_every = 30
     train.eval_batches = 2

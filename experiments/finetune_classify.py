@@ -50,4 +50,5 @@ def get_config(arg: str | None = None):
   config.sample.num_samples = 0
   if arg == "smoke":
     t.num_steps, t.eval_every, t.checkpoint_every, t.log_every = 30, 30, 30, 10
+    t.warmup_steps = 10
   return config

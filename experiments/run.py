@@ -56,6 +56,9 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except Exception as e:  # absl's flags.Error; ml_collections raises KeyError/AttributeError too
+    where = config_file_line(e)
+    if where:
+      fail(where)
     while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...))
       e = e.args[0]
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
@@ -66,11 +69,32 @@ def parse_flags(argv):
     if isinstance(e, (KeyError, AttributeError)):
       overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
       key = re.search(r"(\w+)", text).group(1)
-      bad = next((a for a in overrides if f".{key}" in a), "--config")
+      bad = next((a for a in overrides if a.endswith(f".{key}")), "--config")
       hint = re.search(r'Did you mean "(\w+)"', text)
       text = f"{bad}: unknown config key {key!r}" + (
           f" (did you mean {hint.group(1)!r}?)" if hint else "")
     fail(text)
+
+
+def config_file_line(e: BaseException) -> str | None:
+  """'FILE:LINE: message' for an error inside a config file (a syntax error, or an exception
+  its get_config raised), found among the exception's causes; None otherwise."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, SyntaxError) and e.filename:
+      return f"{e.filename}:{e.lineno}: {e.msg}"
+    tb, last = e.__traceback__, None
+    while tb is not None:  # the innermost frame that runs a config file (experiments/*.py)
+      name = tb.tb_frame.f_code.co_filename
+      if name.endswith(".py") and "get_config" in tb.tb_frame.f_code.co_name:
+        last = (name, tb.tb_lineno)
+      tb = tb.tb_next
+    if last and not isinstance(e, (KeyError, AttributeError)):
+      return f"{last[0]}:{last[1]}: {type(e).__name__}: {e}"
+    e = e.__cause__ or e.__context__ or (e.args[0] if e.args and
+                                          isinstance(e.args[0], BaseException) else None)
+  return None
 
 
 def init_distributed() -> None:
@@ -99,17 +123,19 @@ def main(argv):
     fail("--config is required, e.g. --config=experiments/base.py")
   if FLAGS.workdir is None:
     fail("--workdir is required, e.g. --workdir=runs/base")
+  from lm import validate
+  from lm import workdir as workdir_lib
   from lm.errors import UsageError
   try:
+    config = with_sample_flags(FLAGS.config)
+    # Every field, then the workdir, before anything is created or computed.
+    validate.check_config(config, FLAGS.mode)
+    workdir_lib.check(FLAGS.workdir, FLAGS.mode)
     init_distributed()
     import jax
     if jax.process_index() != 0:  # one log per job: other processes report warnings only
       logging.set_verbosity(logging.WARNING)
     from lm import evaluate
-    config = FLAGS.config
-    sample_overrides = {k: getattr(FLAGS, k) for k in
-                        ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
-                         "seed", "prompt", "stop_token") if getattr(FLAGS, k) is not None}
     if FLAGS.mode == "train":
       if config.train.get("task", "lm") == "classify":  # lm/classify.py
         from lm import classify
@@ -120,13 +146,33 @@ def main(argv):
     elif FLAGS.mode == "eval":
       evaluate.evaluate_workdir(config, FLAGS.workdir, data_path=FLAGS.data_path)
     else:
-      evaluate.sample_workdir(config, FLAGS.workdir, **sample_overrides)
+      evaluate.sample_workdir(config, FLAGS.workdir)
   except UsageError as e:
     fail(str(e))
+  except OSError as e:  # file-system trouble: read-only, disk full, ...
+    logging.debug("OSError", exc_info=True)
+    fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
   except ValueError as e:  # e.g. a kernel rejecting shapes: a clear message, no traceback
     logging.debug("ValueError", exc_info=True)
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+
+def with_sample_flags(config):
+  """The config with --prompt, --temperature, ... written into config.sample (validated with
+  the rest)."""
+  overrides = {k: getattr(FLAGS, k) for k in ("num_samples", "max_new_tokens", "temperature",
+                                              "top_k", "top_p", "seed", "prompt", "stop_token")
+               if getattr(FLAGS, k) is not None}
+  if not overrides:
+    return config
+  import copy
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for k, v in overrides.items():
+      if k in config.sample and isinstance(config.sample[k], float):
+        v = float(v)
+      config.sample[k] = v
+  return config
 
 if __name__ == "__main__":
   app.run(main, flags_parser=parse_flags)

@@ -30,10 +30,22 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: nnx.State, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    """Writes step `step` completely or not at all; a file-system failure (disk full, ...)
+    raises UsageError naming the step and the latest complete checkpoint, which stays the
+    latest (Orbax renames a step's directory only once it is written)."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+          meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:  # Orbax wraps the OSError of its writer threads in other types
+      cause = _os_error_in(e)
+      if cause is None:
+        raise
+      self.manager.reload()
+      raise UsageError(f"saving checkpoint {step} in {self.directory} failed: "
+                       f"{cause.strerror or cause} (the latest complete checkpoint is "
+                       f"{self.manager.latest_step()})") from e
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -55,6 +67,28 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *exc):
+    try:
+      self.close()
+    except Exception:
+      if exc_type is None:  # else keep the first error: it says what went wrong
+        raise
+    return False
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+  """The OSError among an exception's causes and contexts, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def read_meta(workdir_or_ckpt_dir: str) -> tuple[Checkpointer, dict]:

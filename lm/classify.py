@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import os
 import re
 import time
@@ -42,6 +41,8 @@ from lm import data as data_lib
 from lm import sharding
 from lm import tokenizers
 from lm import train as train_lib
+from lm import validate
+from lm import workdir as workdir_lib
 from lm.errors import UsageError
 
 _SPEAKER = re.compile(r"^[A-Z][A-Z0-9 ,.'&-]*:$")  # 'HAMLET:', 'FIRST CITIZEN:'
@@ -262,28 +263,30 @@ def with_classes(config, ds: Dataset):
 
 
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) a genre classifier; returns the last evaluation."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains (or resumes) a genre classifier; returns the last evaluation. Everything is read
+  and checked before the workdir is written (as train.train)."""
+  validate.check_config(config, "train")
+  workdir_lib.check(workdir, "train")
   t_start = time.time()
   tc = config.train
-  if tc.grad_accum != 1:
-    raise UsageError("classification trains without gradient accumulation (grad_accum=1)")
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-  latest = ckpt.latest_step()
-  tokenizer = None
+  ckpt, latest = workdir_lib.existing_checkpoints(workdir, tc.keep_checkpoints)
+  tokenizer, saved = None, None
   if tc.init_from:
     config, tokenizer = train_lib.adopt_source(config, tc.init_from)
   ds = dataset_for(config)
   config = with_classes(config, ds)
   if latest is not None:
     meta = ckpt.read_meta(latest)
-    train_lib._check_resumable(meta["config"], config)
+    saved = meta["config"]
+    train_lib._check_resumable(saved, config)
     tokenizer = tokenizers.from_json(meta["tokenizer"])
   tokenizer = tokenizer or data_lib.make_tokenizer(config.data, ds.train.texts)
   run = train_lib.make_run(config, tokenizer.vocab_size)
-  if jax.process_index() == 0:
-    tokenizers.save(tokenizer, workdir)
-  train_lib.write_config(config, workdir)
+  train_lib.check_divides_data_parallel(run, batch_size=tc.batch_size,
+                                        eval_batch_size=tc.eval_batch_size)
+  workdir_lib.commit(workdir, config, tokenizer, saved, latest or 0)  # valid: now write
+  ckpt = ckpt or ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=tc.keep_checkpoints)
   if latest is not None:
     state = ckpt.restore(run.abstract_state(), latest)
   else:
@@ -302,9 +305,8 @@ def train(config, workdir: str) -> dict:
   meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_json(), "seed": config.seed,
           "classes": ds.classes}
   train_step, eval_step = make_train_step(run), make_eval_step(run)
-  writer = train_lib.MetricsWriter(workdir)
+  writer, guard = train_lib.MetricsWriter(workdir), train_lib.NonFiniteGuard()
   vec = _vector_sharding(run)
-  train_lib.check_divides_data_parallel(run, batch_size=tc.batch_size)
   put = train_lib.put_batch  # the global batch; each process feeds its devices' rows
   last_eval, t_log, since = {}, time.time(), 0
   balanced = bool((config.get("classify") or {}).get("balanced", False))
@@ -313,7 +315,7 @@ def train(config, workdir: str) -> dict:
     return evaluate(run, eval_step, state, ds.val, val_tokens, val_lengths, tc.eval_batch_size,
                     ds.majority, ds.classes)
 
-  with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh):
+  with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh), writer, ckpt:
     while step < tc.num_steps:
       idx = sample_batch(ds.train.labels, seed=config.seed, step=step,
                          batch_size=tc.batch_size, balanced=balanced)
@@ -322,14 +324,20 @@ def train(config, workdir: str) -> dict:
                                   put(run, ds.train.labels[idx], vec), step)
       step += 1
       since += 1
-      if step % tc.log_every == 0 or step == tc.num_steps:
+      guard.update(metrics, step)
+      is_log = step % tc.log_every == 0 or step == tc.num_steps
+      is_eval = step % tc.eval_every == 0 or step == tc.num_steps
+      is_save = step % tc.checkpoint_every == 0 or step == tc.num_steps or stop.requested
+      if is_log or is_eval or is_save:
+        guard.check(ckpt.latest_step())  # the loop syncs here anyway
+      if is_log:
         metrics = jax.device_get(metrics)
         dt = (time.time() - t_log) / since
         logging.info("step %d/%d | loss %.4f | acc %.3f | %.1f ms/step", step, tc.num_steps,
                      metrics["train_loss"], metrics["train_accuracy"], 1e3 * dt)
         writer.write(step, {**metrics, "step_time_ms": 1e3 * dt})
         t_log, since = time.time(), 0
-      if step % tc.eval_every == 0 or step == tc.num_steps:
+      if is_eval:
         last_eval = do_eval()
         logging.info("step %d | held-out accuracy %.4f | majority baseline %.4f (%s) | "
                      "best constant %.4f", step, last_eval["val_accuracy"],
@@ -337,14 +345,12 @@ def train(config, workdir: str) -> dict:
                      last_eval["best_constant_baseline"])
         writer.write(step, last_eval)
         t_log = time.time()
-      if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop.requested:
+      if is_save:
         ckpt.save(step, state, {**meta, "step": step})
         t_log = time.time()
       if stop.requested:
         logging.warning("SIGTERM: checkpoint saved at step %d, stopping", step)
         break
-  writer.close()
-  ckpt.close()
   return {**last_eval, "step": step, "wall_time_s": time.time() - t_start}
 
 
@@ -364,8 +370,5 @@ def evaluate_workdir(config, workdir: str) -> dict:
     result = evaluate(run, make_eval_step(run), state, ds.val, tokens, lengths,
                       run.config.train.eval_batch_size, ds.majority, ds.classes)
   result = {"mode": "eval", "task": "classify", **result}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result}) + "\n")
-    print(json.dumps(result), flush=True)
+  evaluate_lib.report(workdir, step, result)
   return result

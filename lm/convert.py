@@ -296,7 +296,8 @@ def _gpt2_params(tensors, cfg: ModelConfig) -> dict:
   c = _Checkpoint(tensors, "transformer.", (".attn.bias", ".attn.masked_bias"))  # mask buffers
   get = c.get
   d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
-  params = {"embed": get("wte.weight", (v, d)), "pos_embed": get("wpe.weight", (cfg.max_seq_len, d)),
+  params = {"embed": get("wte.weight", (v, d)),
+            "pos_embed": get("wpe.weight", (cfg.max_seq_len, d)),
             "ln_f": {"scale": get("ln_f.weight", (d,)), "bias": get("ln_f.bias", (d,))},
             "blocks": {}}
   for i in range(cfg.num_layers):
@@ -493,11 +494,11 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   if tokenizer.vocab_size != cfg.vocab_size:
     raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                      f"vocab_size is {cfg.vocab_size}")
+  from lm import workdir as workdir_lib
+  workdir_lib.check(workdir, "train")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise UsageError(f"{workdir} already holds checkpoints: convert into a new directory")
-  os.makedirs(workdir, exist_ok=True)
-  tokenizers.save(tokenizer, workdir)
   config = run_config(cfg, base_config)
   with config.unlocked():
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, tokenizers.FILENAME))
@@ -506,6 +507,8 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   model = model_from_params(run.model_cfg, params)
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
   state = jax.device_put(nnx.state((model, optimizer)), run.shardings)
+  os.makedirs(workdir, exist_ok=True)  # everything read and built: now write
+  tokenizers.save(tokenizer, workdir)
   ckpt = ckpt_lib.Checkpointer(ckpt_dir)
   ckpt.save(0, state, {"config": config.to_dict(), "tokenizer": tokenizer.to_json(),
                        "seed": config.seed, "step": 0, "converted_from": os.path.abspath(hf_dir),
@@ -550,6 +553,10 @@ def main(argv=None) -> int:
       print(f"wrote {args.workdir}: checkpoints/0, config.json, tokenizer.json", flush=True)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except OSError as e:  # read-only or full disk, ...
+    print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}",
+          file=sys.stderr, flush=True)
     return 2
   return 0
 

@@ -14,6 +14,7 @@ from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
 from lm import tokenizers
 from lm import train as train_lib
+from lm import validate
 from lm.errors import UsageError
 
 
@@ -46,6 +47,7 @@ def evaluate_workdir(config, workdir: str, data_path: str | None = None) -> dict
 
   With config.train.task="classify": held-out accuracy instead (lm/classify.py).
   """
+  validate.check_config(config, "eval")
   if config.train.get("task", "lm") == "classify":
     from lm import classify
     if data_path is not None:
@@ -60,21 +62,30 @@ def evaluate_workdir(config, workdir: str, data_path: str | None = None) -> dict
     result = train_lib.evaluate(run, train_lib.make_eval_step(run), state, corpus,
                                 run.config.train.eval_batch_size)
   result = {"mode": "eval", "data": run.config.data.path or "embedded plays", **result}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **result}) + "\n")
-    print(json.dumps(result), flush=True)
+  report(workdir, step, result)
   logging.info("eval at step %d: %s", step, result)
   return result
+
+
+def report(workdir: str, step: int, result: dict) -> None:
+  """Prints an evaluation's result (JSON, stdout) first, then appends it to metrics.jsonl, so
+  a failing write (read-only or full disk: OSError) never loses it."""
+  if jax.process_index() != 0:
+    return
+  print(json.dumps(result), flush=True)
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, **result}) + "\n")
 
 
 def sample_workdir(config, workdir: str, **overrides) -> list[str]:
   """Prints (and returns) samples; overrides replace fields of config.sample."""
   from lm import sample as sample_lib
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.sample.update(overrides)
+  validate.check_config(config, "sample")
   run, state, tokenizer, _ = load(config, workdir)
-  sample_cfg = copy.deepcopy(run.config.sample)
-  with sample_cfg.unlocked():
-    sample_cfg.update(overrides)
+  sample_cfg = run.config.sample
   model = nnx.merge(run.graphdef, state)[0]
   texts = sample_lib.sample_text(model, tokenizer, sample_cfg)
   for text in texts:

@@ -49,17 +49,23 @@ class ModelConfig:
   def __post_init__(self):
     kv = self.kv_heads
     if self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+      raise ValueError(f"model.d_model={self.d_model}: expected a multiple of model.num_heads="
+                       f"{self.num_heads}")
     if self.num_heads % kv:
-      raise ValueError(f"num_kv_heads={kv} does not divide num_heads={self.num_heads}")
+      raise ValueError(f"model.num_kv_heads={kv}: expected a divisor of model.num_heads="
+                       f"{self.num_heads}")
     for name, value, allowed in (("positions", self.positions, ("rope", "learned")),
                                  ("norm", self.norm, ("pre", "post")),
                                  ("norm_type", self.norm_type, ("layernorm", "rmsnorm")),
-                                 ("mlp", self.mlp, ("gelu", "swiglu"))):
+                                 ("mlp", self.mlp, ("gelu", "swiglu")),
+                                 ("attention_impl", self.attention_impl, attention_lib.IMPLS),
+                                 ("dtype", self.dtype, ("float32", "bfloat16", "float16"))):
       if value not in allowed:
         raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
     if self.positions == "rope" and self.head_dim % 2:
-      raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+      raise ValueError(f"rotary positions need an even head_dim (model.d_model / "
+                       f"model.num_heads), got {self.head_dim}")
+    attention_lib.check_impl(self.attention_impl, self.head_dim)
     parse_rope_scaling(self.rope_scaling)
 
   @property

@@ -27,6 +27,8 @@ from lm import checkpoint as ckpt_lib
 from lm import data as data_lib
 from lm import sharding
 from lm import tokenizers
+from lm import validate
+from lm import workdir as workdir_lib
 from lm.errors import UsageError
 from lm.model import ModelConfig, Transformer, flops_per_token, num_params
 
@@ -41,14 +43,7 @@ LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": 
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
-  try:
-    cfg = ModelConfig.from_config(config.model, vocab_size)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  if config.data.seq_len > cfg.max_seq_len:
-    raise UsageError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
-                     f"{cfg.max_seq_len}")
-  return cfg
+  return validate.model_config(config, vocab_size)
 
 
 # Weight decay by what a parameter is (lm/model.py's names), never by its shape: the weight
@@ -242,31 +237,94 @@ def evaluate(run: Run, eval_step, state, corpus: data_lib.Corpus, batch_size: in
 
 
 class MetricsWriter:
-  """WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard events; process 0 only."""
+  """WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard events; process 0 only.
+
+  Events go through the `tensorboard` package's record writer and protos, which import neither
+  PyTorch nor TensorFlow (tensorboardX imports torch whenever it is installed; tensorboard's own
+  EventFileWriter looks for TensorFlow through tensorboard.compat.tf and writes from a thread,
+  where a full disk would go unnoticed). Files are opened at the first write, so a run that
+  writes nothing (a finished run started again) adds no file; every write is flushed, so a
+  full disk raises OSError here, at the write.
+  """
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.workdir = workdir
+    self.file = self.tb = None
+
+  def _open(self) -> None:
+    import socket
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self.file = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    tb_dir = os.path.join(self.workdir, "tensorboard")
+    os.makedirs(tb_dir, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    self.tb = RecordWriter(open(os.path.join(tb_dir, name), "wb"))
+    self._event(file_version="brain.Event:2")
+
+  def _event(self, **fields) -> None:
+    from tensorboard.compat.proto import event_pb2
+    self.tb.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+    self.tb.flush()
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
       return
+    from tensorboard.compat.proto import summary_pb2
+    if self.file is None:
+      self._open()
     record = {"step": int(step), **{k: v.item() if hasattr(v, "item") else v
                                      for k, v in metrics.items()}}
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self.tb.add_scalar(k, v, step)
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in record.items()
+              if k != "step" and isinstance(v, (int, float))]
+    self._event(step=int(step), summary=summary_pb2.Summary(value=values))
 
   def close(self) -> None:
-    if self.active:
-      self.file.close()
-      self.tb.close()
+    for f in (self.file, self.tb):
+      if f is not None:
+        f.close()
+    self.file = self.tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False
+
+
+@jax.jit
+def _first_nonfinite(first, loss, grad_norm, step):
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jnp.where((first < 0) & ~ok, step, first)
+
+
+class NonFiniteGuard:
+  """The first step whose loss or gradient norm was not finite, kept on the device.
+
+  `update` after every step dispatches one tiny jitted op and does not wait for it (no
+  host sync per step); `check` reads the value (a sync) and is called only where the loop
+  syncs anyway: before metrics are written, before an evaluation and before every save, so a
+  non-finite state is never saved nor logged. Once non-finite, the parameters stay so: the
+  run stops (UsageError naming the step) and the last good checkpoint stays the latest.
+  """
+
+  def __init__(self):
+    self.first = jnp.asarray(-1, jnp.int32)
+
+  def update(self, metrics: dict, step: int) -> None:
+    """metrics of the update that makes `step` steps done (1-based, as the logs count)."""
+    self.first = _first_nonfinite(self.first, metrics["train_loss"], metrics["grad_norm"], step)
+
+  def check(self, latest_checkpoint: int | None) -> None:
+    first = int(self.first)
+    if first >= 0:
+      kept = (f"the latest checkpoint is step {latest_checkpoint}; resume from it"
+              if latest_checkpoint is not None else "no checkpoint was saved")
+      raise UsageError(f"non-finite loss or gradient norm at step {first}: training stopped "
+                       f"without saving it ({kept}, e.g. with a lower train.learning_rate)")
 
 
 def _check_resumable(saved: dict, config) -> None:
@@ -300,28 +358,32 @@ def check_divides_data_parallel(run: Run, **sizes) -> None:
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the last evaluation's metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  """Runs (or resumes) training; returns the last evaluation's metrics.
+
+  Everything is read and checked (config, workdir, checkpoint, data, model, batch sizes over
+  the devices) before the workdir is written; UsageError if anything is wrong.
+  """
+  validate.check_config(config, "train")
+  workdir_lib.check(workdir, "train")
   t_start = time.time()
   tc = config.train
-  if tc.batch_size % tc.grad_accum:
-    raise UsageError(f"train.batch_size={tc.batch_size} must divide evenly into grad_accum="
-                     f"{tc.grad_accum} micro-batches")
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-  latest = ckpt.latest_step()
-  tokenizer = None
+  ckpt, latest = workdir_lib.existing_checkpoints(workdir, tc.keep_checkpoints)
+  tokenizer, saved = None, None
   if tc.init_from:  # fine-tuning: the source's model shape and tokenizer (see adopt_source)
     config, tokenizer = adopt_source(config, tc.init_from)
   if latest is not None:
     meta = ckpt.read_meta(latest)
-    _check_resumable(meta["config"], config)
+    saved = meta["config"]
+    _check_resumable(saved, config)
     tokenizer = tokenizers.from_json(meta["tokenizer"])
   corpus = data_lib.load_corpus(config.data, tokenizer)
   tokenizer = corpus.tokenizer
   run = make_run(config, tokenizer.vocab_size)
-  if jax.process_index() == 0:
-    tokenizers.save(tokenizer, workdir)
-  write_config(config, workdir)
+  micro = tc.batch_size // tc.grad_accum
+  check_divides_data_parallel(run, micro_batch_size=micro, eval_batch_size=tc.eval_batch_size)
+  workdir_lib.commit(workdir, config, tokenizer, saved, latest or 0)  # valid: now write
+  ckpt = ckpt or ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=tc.keep_checkpoints)
 
   if latest is not None:
     state = ckpt.restore(run.abstract_state(), latest)
@@ -337,9 +399,7 @@ def train(config, workdir: str) -> dict:
 
   meta = {"config": config.to_dict(), "tokenizer": tokenizer.to_json(), "seed": config.seed}
   train_step, eval_step = make_train_step(run), make_eval_step(run)
-  writer = MetricsWriter(workdir)
-  micro = tc.batch_size // tc.grad_accum
-  check_divides_data_parallel(run, micro_batch_size=micro)
+  writer, guard = MetricsWriter(workdir), NonFiniteGuard()
   tokens_per_step = tc.batch_size * config.data.seq_len
   flops = flops_per_token(run.model_cfg, config.data.seq_len) * tokens_per_step
   last_eval, t_log, steps_since_log = {}, time.time(), 0
@@ -347,7 +407,7 @@ def train(config, workdir: str) -> dict:
   def save(at_step):
     ckpt.save(at_step, state, {**meta, "step": at_step})
 
-  with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh):
+  with ckpt_lib.StopSignal() as stop, jax.set_mesh(run.mesh), writer, ckpt:
     while step < tc.num_steps:
       # Every process draws the whole (small) global batch; put_batch hands out the rows.
       batch = data_lib.get_batch(corpus.train, seed=config.seed, step=step,
@@ -356,7 +416,13 @@ def train(config, workdir: str) -> dict:
       state, metrics = train_step(state, batch, step)
       step += 1
       steps_since_log += 1
-      if step % tc.log_every == 0 or step == tc.num_steps:
+      guard.update(metrics, step)
+      is_log = step % tc.log_every == 0 or step == tc.num_steps
+      is_eval = step % tc.eval_every == 0 or step == tc.num_steps
+      is_save = step % tc.checkpoint_every == 0 or step == tc.num_steps
+      if is_log or is_eval or is_save or stop.requested:
+        guard.check(ckpt.latest_step())  # the loop syncs here anyway
+      if is_log:
         metrics = jax.device_get(metrics)
         dt = (time.time() - t_log) / steps_since_log
         record = {**metrics, "tokens_per_sec": tokens_per_step / dt, "step_time_ms": 1e3 * dt}
@@ -367,22 +433,20 @@ def train(config, workdir: str) -> dict:
                      record["tokens_per_sec"], record["step_time_ms"])
         writer.write(step, record)
         t_log, steps_since_log = time.time(), 0
-      if step % tc.eval_every == 0 or step == tc.num_steps:
+      if is_eval:
         last_eval = evaluate(run, eval_step, state, corpus, tc.eval_batch_size, tc.eval_batches)
         logging.info("step %d | val_loss %.4f | val_ppl %.2f | val_bpb %s", step,
                      last_eval["val_loss"], last_eval["val_ppl"],
                      f"{last_eval['val_bpb']:.4f}" if "val_bpb" in last_eval else "n/a")
         writer.write(step, last_eval)
         t_log = time.time()  # keep evaluation out of the throughput numbers
-      if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+      if is_save:
         save(step)
         t_log = time.time()
       if stop.requested:
         logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", step)
         save(step)
         break
-  writer.close()
-  ckpt.close()
   logging.info("done at step %d in %.1f s", step, time.time() - t_start)
   if config.sample.num_samples and step >= tc.num_steps and jax.process_index() == 0:
     from lm import sample as sample_lib

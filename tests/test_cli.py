@@ -8,7 +8,8 @@ import pytest
 from tests.conftest import run_cli
 
 TINY = ["--config=experiments/base.py", "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
-        "--config.data.seq_len=32", "--config.train.num_steps=2", "--config.train.batch_size=4",
+        "--config.data.seq_len=32", "--config.train.num_steps=2", "--config.train.warmup_steps=1",
+        "--config.train.batch_size=4",
         "--config.train.eval_batches=1", "--config.sample.num_samples=0"]
 
 

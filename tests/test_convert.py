@@ -178,7 +178,8 @@ def test_cli_converted_workdir_samples_evaluates_and_fine_tunes(tmp_path, make_c
   config = make_config(**{"data.path": str(data), "data.seq_len": 16})
   result = evaluate.evaluate_workdir(config, workdir)
   config = make_config(**{"data.path": str(data), "data.seq_len": 16, "train.num_steps": 1,
+                          "train.warmup_steps": 0,
                           "train.log_every": 1, "train.init_from": workdir,
-                          "train.learning_rate": 0.0})
+                          "train.learning_rate": 1e-12})  # > 0 (validated), moves nothing
   out = train.train(config, str(tmp_path / "ft"))
   assert abs(out["val_loss"] - result["val_loss"]) < 1e-4 * max(1.0, result["val_loss"])

@@ -6,6 +6,7 @@ checkpoints and shardings, one for the Triton kernel on its CPU interpreter, sid
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from lm import sharding, train
@@ -22,31 +24,47 @@ from tests.conftest import ROOT
 
 MESHES = ("(8, 1, 1)", "(1, 8, 1)", "(1, 1, 8)", "(2, 2, 2)")
 
-# Golden partition specs: parameter (layer index dropped) -> (FSDP rules, TP rules), for a
-# model with every optional parameter (biases, swiglu, untied head, learned positions).
+# Golden partition specs: parameter (layer index dropped) -> its spec under each rule set of
+# lm.sharding.RULE_SETS, in the order of RULE_COLUMNS (the default rules first), on a mesh
+# where every mesh axis divides every dimension. Together the MODELS below have every
+# optional parameter (biases, swiglu, untied head, learned positions, GQA, classifier head).
+RULE_COLUMNS = ("fsdp_tp", "fsdp", "tp", "dp")
 GOLDEN = {
-    "embed": ((None, "fsdp"), ("tensor", None)),
-    "pos_embed": ((None, "fsdp"), (None, None)),
-    "head": (("fsdp", None), (None, "tensor")),
-    "ln_f/scale": ((None,), (None,)),
-    "ln_f/bias": ((None,), (None,)),
-    "blocks/ln1/scale": ((None,), (None,)),
-    "blocks/ln1/bias": ((None,), (None,)),
-    "blocks/ln2/scale": ((None,), (None,)),
-    "blocks/ln2/bias": ((None,), (None,)),
-    "blocks/attn/wq": (("fsdp", None, None), (None, "tensor", None)),
-    "blocks/attn/wk": (("fsdp", None, None), (None, "tensor", None)),
-    "blocks/attn/wv": (("fsdp", None, None), (None, "tensor", None)),
-    "blocks/attn/wo": ((None, "fsdp"), ("tensor", None)),
-    "blocks/attn/bq": ((None, None), ("tensor", None)),
-    "blocks/attn/bk": ((None, None), ("tensor", None)),
-    "blocks/attn/bv": ((None, None), ("tensor", None)),
-    "blocks/attn/bo": (("fsdp",), (None,)),
-    "blocks/mlp/w_in": (("fsdp", None), (None, "tensor")),
-    "blocks/mlp/w_gate": (("fsdp", None), (None, "tensor")),
-    "blocks/mlp/w_out": ((None, "fsdp"), ("tensor", None)),
-    "blocks/mlp/b_in": ((None,), ("tensor",)),
-    "blocks/mlp/b_out": (("fsdp",), (None,)),
+    "embed": (("tensor", "fsdp"), (None, "fsdp"), ("tensor", None), (None, None)),
+    "pos_embed": ((None, "fsdp"), (None, "fsdp"), (None, None), (None, None)),
+    "head": (("fsdp", "tensor"), ("fsdp", None), (None, "tensor"), (None, None)),
+    "cls_head": (("fsdp", None), ("fsdp", None), (None, None), (None, None)),
+    "cls_bias": ((None,), (None,), (None,), (None,)),
+    "ln_f/scale": ((None,), (None,), (None,), (None,)),
+    "ln_f/bias": ((None,), (None,), (None,), (None,)),
+    "blocks/ln1/scale": ((None,), (None,), (None,), (None,)),
+    "blocks/ln1/bias": ((None,), (None,), (None,), (None,)),
+    "blocks/ln2/scale": ((None,), (None,), (None,), (None,)),
+    "blocks/ln2/bias": ((None,), (None,), (None,), (None,)),
+    "blocks/attn/wq": (("fsdp", "tensor", None), ("fsdp", None, None), (None, "tensor", None),
+                       (None, None, None)),
+    "blocks/attn/wk": (("fsdp", "tensor", None), ("fsdp", None, None), (None, "tensor", None),
+                       (None, None, None)),
+    "blocks/attn/wv": (("fsdp", "tensor", None), ("fsdp", None, None), (None, "tensor", None),
+                       (None, None, None)),
+    "blocks/attn/wo": (("tensor", "fsdp"), (None, "fsdp"), ("tensor", None), (None, None)),
+    "blocks/attn/bq": (("tensor", None), (None, None), ("tensor", None), (None, None)),
+    "blocks/attn/bk": (("tensor", None), (None, None), ("tensor", None), (None, None)),
+    "blocks/attn/bv": (("tensor", None), (None, None), ("tensor", None), (None, None)),
+    "blocks/attn/bo": (("fsdp",), ("fsdp",), (None,), (None,)),
+    "blocks/mlp/w_in": (("fsdp", "tensor"), ("fsdp", None), (None, "tensor"), (None, None)),
+    "blocks/mlp/w_gate": (("fsdp", "tensor"), ("fsdp", None), (None, "tensor"), (None, None)),
+    "blocks/mlp/w_out": (("tensor", "fsdp"), (None, "fsdp"), ("tensor", None), (None, None)),
+    "blocks/mlp/b_in": (("tensor",), (None,), ("tensor",), (None,)),
+    "blocks/mlp/b_out": (("fsdp",), ("fsdp",), (None,), (None,)),
+}
+
+# The model variants we have; each a few layers of d_model 64, 8 heads, d_ff 128, vocab 64.
+MODELS = {
+    "gpt2_like": dict(use_bias=True, mlp="gelu", tie_embeddings=False, positions="learned"),
+    "llama_like": dict(use_bias=False, mlp="swiglu", tie_embeddings=True, positions="rope"),
+    "gqa": dict(num_kv_heads=4, use_bias=True, mlp="swiglu"),
+    "classifier": dict(num_classes=6, mlp="gelu"),
 }
 
 
@@ -63,7 +81,7 @@ def golden_key(path: str):
 
 
 def golden_spec(key, which):
-  return P(*GOLDEN[key][("fsdp", "tp").index(which)])
+  return P(*GOLDEN[key][RULE_COLUMNS.index(which)])
 
 
 def _config(**model):
@@ -95,23 +113,63 @@ def test_a_mesh_axis_is_used_once_per_array():
   assert sharding.logical_to_spec(("embed", "heads", "x"), rules) == P("fsdp", "tensor", None)
 
 
-@pytest.mark.parametrize("which,shape", [("fsdp", (1, 8, 1)), ("tp", (1, 1, 8))])
-def test_golden_partition_specs(which, shape):
-  """Every parameter and both Adam moments shard exactly as the golden table says."""
-  c = _config(use_bias=True, mlp="swiglu", tie_embeddings=False, positions="learned")
-  run = train.make_run(c, 64)
-  state = train._abstract_state(run.model_cfg, run.tx)
-  mesh = AbstractMesh(shape, sharding.MESH_AXES)
-  specs = sharding.partition_specs(state, sharding.RULE_SETS[which], mesh)
+def test_the_golden_table_covers_every_rule_set_default_first():
+  from experiments import base
+  assert set(RULE_COLUMNS) == set(sharding.RULE_SETS)
+  assert sharding.RULE_SETS[RULE_COLUMNS[0]] == sharding.DEFAULT_RULES == base.get_config().mesh.rules
+
+
+@pytest.mark.parametrize("which", RULE_COLUMNS)
+def test_golden_partition_specs(which):
+  """Every parameter and both Adam moments of every model variant shard exactly as the golden
+  table says, under every rule set. Checked to fail: removing ("mlp", "tensor") from
+  DEFAULT_RULES fails the default (fsdp_tp) column on w_in, w_gate, w_out, b_in."""
+  mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
   seen = set()
-  for path, spec in specs.items():
-    key = golden_key(path)
-    if key is None:
-      assert spec == P(), path  # step counters: replicated
-      continue
-    seen.add(key)
-    assert spec == golden_spec(key, which), path
+  for name, model in MODELS.items():
+    run = train.make_run(_config(**model), 64)
+    state = train._abstract_state(run.model_cfg, run.tx)
+    for path, spec in sharding.partition_specs(state, sharding.RULE_SETS[which], mesh).items():
+      key = golden_key(path)
+      if key is None:
+        assert spec == P(), path  # step counters: replicated
+        continue
+      seen.add(key)
+      assert spec == golden_spec(key, which), (name, path)
   assert seen == set(GOLDEN)
+
+
+# Rule set -> (mesh of 8 devices, how many devices split each weight matrix, the same for the
+# matrices without a tensor-parallel dimension: pos_embed and cls_head).
+MEMORY = {"fsdp_tp": ((1, 2, 4), 8, 2), "fsdp": ((1, 8, 1), 8, 8), "tp": ((2, 1, 4), 4, 1),
+          "dp": ((8, 1, 1), 1, 1)}
+
+
+@pytest.mark.parametrize("which", RULE_COLUMNS)
+def test_sharding_divides_each_matrix_per_device(which):
+  """Per-device size of every weight matrix (and its Adam moments) from the shardings a run
+  hands to jit, on 8 devices (an AbstractMesh: nothing is allocated): 1/8 under FSDP and
+  FSDP+TP, 1/4 under TP over 4 devices, all of it under DP. Silent replication (a sharding
+  rule lost, a dimension that the mesh does not divide) shows as a larger share. Checked to
+  fail: removing ("mlp", "tensor") from DEFAULT_RULES fails the fsdp_tp case (the MLP
+  matrices hold 1/2 per device, not 1/8)."""
+  shape, ways, ways_no_tp = MEMORY[which]
+  mesh = AbstractMesh(shape, sharding.MESH_AXES)
+  checked = 0
+  for model in MODELS.values():
+    c = _config(**model)
+    c.mesh.rules = sharding.RULE_SETS[which]
+    run = train.make_run(c, 64, mesh=mesh)
+    for path, a in nnx.to_flat_state(run.abstract_state()):
+      key = golden_key("/".join(map(str, path)))
+      leaf = key and key.split("/")[-1]
+      if not (leaf in ("embed", "pos_embed", "head", "cls_head") or str(leaf).startswith("w")):
+        continue  # biases, LayerNorms, step counters
+      per_device = math.prod(a.sharding.shard_shape(a.shape))
+      expected = ways_no_tp if key in ("pos_embed", "cls_head") else ways
+      assert per_device * expected == a.size, (path, a.sharding.spec)
+      checked += 1
+  assert checked > 3 * 40
 
 
 def test_undivisible_dimensions_stay_whole():

@@ -1,0 +1,207 @@
+"""Every config field's type and valid range, checked in one place before a run touches disk.
+
+`check_config(config, mode)` raises UsageError naming the first bad field, its value and what
+is allowed ("train.batch_size=0: expected an integer >= 1"). experiments/run.py calls it
+before anything else (train, eval and sample, every task); train.train and classify.train call
+it too, for library use. Checks that need a checkpoint or the data (a resumed run's shape, the
+vocabulary, batch sizes over the devices) follow in the jobs themselves, still before the
+workdir is written (lm/workdir.py).
+
+A field is (path, type, test, what is allowed). Optional sections and fields (train.task,
+classify.*, sample.stop_token) are checked when present.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from lm.errors import UsageError
+
+TASKS = ("lm", "classify")
+ATTENTION_IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")  # = attention.IMPLS
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _at_least(lo):
+  return (lambda v: v >= lo), f">= {lo}"
+
+
+def _positive():
+  return (lambda v: math.isfinite(v) and v > 0), "> 0 (finite)"
+
+
+def _in(lo, hi, lo_open=False, hi_open=True):
+  def test(v):
+    return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+  return test, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _one_of(*allowed):
+  return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
+
+
+def _tokenizer(v):
+  if v in ("char", "byte", "bpe"):
+    return True
+  path = v if v.endswith(".json") else os.path.join(v, "tokenizer.json")
+  return os.path.isfile(path)
+
+
+_ANY = (lambda v: True), "any"
+POS, NONNEG = _at_least(1), _at_least(0)
+
+# (path, type, (test, allowed)); int accepts no bool, float accepts int.
+FIELDS = (
+    ("seed", int, NONNEG),
+    ("model.num_layers", int, POS),
+    ("model.num_heads", int, POS),
+    ("model.num_kv_heads", int, NONNEG),
+    ("model.d_model", int, POS),
+    ("model.d_ff", int, NONNEG),
+    ("model.dropout", float, _in(0, 1)),
+    ("model.attention_impl", str, _one_of(*ATTENTION_IMPLS)),
+    ("model.positions", str, _one_of("rope", "learned")),
+    ("model.norm", str, _one_of("pre", "post")),
+    ("model.norm_type", str, _one_of("layernorm", "rmsnorm")),
+    ("model.mlp", str, _one_of("gelu", "swiglu")),
+    ("model.use_bias", bool, _ANY),
+    ("model.qkv_bias", bool, _ANY),
+    ("model.tie_embeddings", bool, _ANY),
+    ("model.max_seq_len", int, POS),
+    ("model.ln_eps", float, _positive()),
+    ("model.rope_theta", float, _positive()),
+    ("model.rope_scaling", str, _ANY),  # its form: ModelConfig (lm.model.parse_rope_scaling)
+    ("model.dtype", str, _one_of(*DTYPES)),
+    ("model.num_classes", int, NONNEG),
+    ("data.path", str, _ANY),
+    ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe or the path of a "
+                                         "tokenizer.json (or of its directory)")),
+    ("data.vocab_size", int, _at_least(2)),
+    ("data.seq_len", int, POS),
+    ("data.val_fraction", float, _in(0, 1, lo_open=True)),
+    ("data.text_field", str, ((lambda v: v != ""), "a non-empty field name")),
+    ("data.token_dtype", str, _one_of("uint16", "uint32")),
+    ("train.task", str, _one_of(*TASKS)),
+    ("train.num_steps", int, POS),
+    ("train.batch_size", int, POS),
+    ("train.grad_accum", int, POS),
+    ("train.learning_rate", float, _positive()),
+    ("train.min_lr_ratio", float, _in(0, 1, hi_open=False)),
+    ("train.warmup_steps", int, NONNEG),
+    ("train.weight_decay", float, _at_least(0)),
+    ("train.beta1", float, _in(0, 1)),
+    ("train.beta2", float, _in(0, 1)),
+    ("train.grad_clip", float, _positive()),
+    ("train.log_every", int, POS),
+    ("train.eval_every", int, POS),
+    ("train.eval_batches", int, POS),
+    ("train.eval_batch_size", int, POS),
+    ("train.checkpoint_every", int, POS),
+    ("train.keep_checkpoints", int, POS),
+    ("train.init_from", str, _ANY),
+    ("mesh.data", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
+    ("mesh.fsdp", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
+    ("mesh.tensor", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
+    ("sample.num_samples", int, NONNEG),
+    ("sample.max_new_tokens", int, POS),
+    ("sample.temperature", float, ((lambda v: math.isfinite(v) and v >= 0), ">= 0 (0 is greedy)")),
+    ("sample.top_k", int, ((lambda v: v >= 0), ">= 0 (0 keeps every token)")),
+    ("sample.top_p", float, _in(0, 1, lo_open=True, hi_open=False)),
+    ("sample.prompt", str, _ANY),
+    ("sample.seed", int, NONNEG),
+    ("sample.stop_token", int, ((lambda v: v >= -1), ">= -1 (-1: none)")),
+    ("classify.min_chars", int, NONNEG),
+    ("classify.balanced", bool, _ANY),
+    ("classify.genres", str, _ANY),
+)
+REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
+OPTIONAL = {"train.task", "sample.stop_token", "classify.min_chars", "classify.balanced",
+            "classify.genres",
+            "model.norm_type", "model.qkv_bias", "model.rope_scaling"}  # absent before issue 16
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _lookup(config, path):
+  node = config
+  for part in path.split("."):
+    if node is None or not hasattr(node, "get") or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def _check_field(path, value, kind, test, allowed):
+  if kind is float:
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif kind is int:
+    ok_type = isinstance(value, int) and not isinstance(value, bool)
+  else:
+    ok_type = isinstance(value, kind)
+  if not ok_type:
+    raise UsageError(f"{path}={value!r}: expected {_TYPE_NAMES[kind]}"
+                     + ("" if allowed == "any" else f" {allowed}"))
+  if not test(value):
+    what = allowed if allowed.startswith("one of") else f"{_TYPE_NAMES[kind]} {allowed}"
+    raise UsageError(f"{path}={value!r}: expected {what}")
+
+
+def _check_rules(rules):
+  try:
+    pairs = [tuple(r) for r in rules]
+    ok = all(len(p) == 2 and isinstance(p[0], str) for p in pairs)
+    for _, target in pairs if ok else ():
+      targets = (target,) if isinstance(target, str) or target is None else tuple(target)
+      ok = ok and all(t is None or t in MESH_AXES for t in targets)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise UsageError(f"mesh.rules={rules!r}: expected (logical axis, mesh axis or tuple of "
+                     f"them) pairs over the mesh axes {', '.join(MESH_AXES)}")
+
+
+def check_config(config, mode: str = "train") -> None:
+  """Raises UsageError for the first ill-typed, out-of-range or inconsistent field.
+
+  mode: "train", "eval" or "sample". The model's shape fields are checked against each other
+  only for a fresh training run: eval, sample, resume and init_from take them from a
+  checkpoint (checked when it is read, by ModelConfig).
+  """
+  for section in REQUIRED_SECTIONS:
+    if section not in config:
+      raise UsageError(f"the config has no {section!r} section (start from experiments/base.py)")
+  for path, kind, (test, allowed) in FIELDS:
+    present, value = _lookup(config, path)
+    if not present:
+      if path in OPTIONAL:
+        continue
+      raise UsageError(f"the config has no field {path} (start from experiments/base.py)")
+    _check_field(path, value, kind, test, allowed)
+  _check_rules(config.mesh.rules)
+  tc, model = config.train, config.model
+  if tc.warmup_steps > tc.num_steps:
+    raise UsageError(f"train.warmup_steps={tc.warmup_steps}: expected <= train.num_steps="
+                     f"{tc.num_steps}")
+  if tc.batch_size % tc.grad_accum:
+    raise UsageError(f"train.batch_size={tc.batch_size}: expected a multiple of "
+                     f"train.grad_accum={tc.grad_accum} (the micro-batches are equal)")
+  if config.train.get("task", "lm") == "classify" and tc.grad_accum != 1:
+    raise UsageError(f"train.grad_accum={tc.grad_accum}: the classify task trains without "
+                     "gradient accumulation (expected 1)")
+  if mode == "train" and not tc.init_from:
+    model_config(config, vocab_size=1)
+
+
+def model_config(config, vocab_size: int):
+  """The ModelConfig of `config` (its model fields against each other: divisibility, head_dim,
+  the context data.seq_len needs); UsageError if they disagree."""
+  from lm.model import ModelConfig
+  try:
+    cfg = ModelConfig.from_config(config.model, vocab_size)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if config.data.seq_len > cfg.max_seq_len:
+    raise UsageError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                     f"{cfg.max_seq_len}")
+  return cfg
