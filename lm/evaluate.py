@@ -27,7 +27,7 @@ def load(config, workdir: str):
   ckpt, meta = ckpt_lib.read_meta(workdir)
   config = copy.deepcopy(config)
   with config.unlocked():
-    for field in train_lib.SHAPE_FIELDS:
+    for field in train_lib.SHAPE_FIELDS + train_lib.NUMERIC_FIELDS:
       if field in meta["config"]["model"]:
         config.model[field] = meta["config"]["model"][field]
     if config.data.seq_len > config.model.max_seq_len:  # e.g. a converted GPT-2 of short context

@@ -33,8 +33,13 @@ from lm.errors import UsageError
 from lm.model import ModelConfig, Transformer, flops_per_token, num_params
 
 # Model fields that change parameter shapes: a resumed run must agree on all of them.
-SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "positions",
-                "mlp", "use_bias", "tie_embeddings", "max_seq_len", "norm", "num_classes")
+SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "positions", "mlp",
+                "use_bias", "qkv_bias", "tie_embeddings", "max_seq_len", "norm", "norm_type",
+                "num_classes")
+# Fields that change no shape but the model's function: loading a checkpoint takes them from it.
+NUMERIC_FIELDS = ("ln_eps", "rope_theta", "rope_scaling")
+# What checkpoints written before a field existed meant by its absence.
+LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": ""}
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
@@ -324,7 +329,7 @@ class NonFiniteGuard:
 
 def _check_resumable(saved: dict, config) -> None:
   for field in SHAPE_FIELDS:
-    old, new = saved["model"].get(field), config.model.get(field)
+    old, new = saved["model"].get(field, LEGACY_DEFAULTS.get(field)), config.model.get(field)
     if old != new:
       raise UsageError(f"the workdir's checkpoint has model.{field}={old!r} but the config says "
                        f"{new!r}: use a new --workdir or the old config")
@@ -454,8 +459,8 @@ def train(config, workdir: str) -> dict:
 def adopt_source(config, source: str):
   """Fine-tuning: (config with the model shape of the checkpoint at `source`, its tokenizer).
 
-  Every SHAPE_FIELD but num_classes (a classifier may add a head), and ln_eps, come from the
-  source, so a config need not repeat them (a converted GPT-2 has learned positions, biases,
+  Every SHAPE_FIELD but num_classes (a classifier may add a head), and NUMERIC_FIELDS, come from
+  the source, so a config need not repeat them (a converted GPT-2 has learned positions, biases,
   ...); the token ids must be the source's for its embeddings to mean anything.
   """
   src, meta = ckpt_lib.read_meta(source)
@@ -463,7 +468,7 @@ def adopt_source(config, source: str):
   saved = meta["config"]["model"]
   config = copy.deepcopy(config)
   with config.unlocked():
-    for field in SHAPE_FIELDS + ("ln_eps",):
+    for field in SHAPE_FIELDS + NUMERIC_FIELDS:
       if field != "num_classes" and field in saved and saved[field] != config.model.get(field):
         logging.info("train.init_from: model.%s=%r from %s", field, saved[field], source)
         config.model[field] = saved[field]
@@ -478,8 +483,9 @@ def _load_params_from(run: Run, state: nnx.State, source: str) -> nnx.State:
   src, meta = ckpt_lib.read_meta(source)
   saved = meta["config"]["model"]
   for field in SHAPE_FIELDS:
-    if field != "num_classes" and saved.get(field) != run.config.model.get(field):
-      raise UsageError(f"train.init_from={source}: its model.{field}={saved.get(field)!r} "
+    old = saved.get(field, LEGACY_DEFAULTS.get(field))
+    if field != "num_classes" and old != run.config.model.get(field):
+      raise UsageError(f"train.init_from={source}: its model.{field}={old!r} "
                        f"differs from this config's {run.config.model.get(field)!r}")
   src_cfg = dataclasses.replace(run.model_cfg, num_classes=saved.get("num_classes", 0))
   abstract = _abstract_state(src_cfg, run.tx)
