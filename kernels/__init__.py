@@ -16,13 +16,14 @@ All three are differentiable and work under ``jax.jit``, ``jax.grad``,
 ``jax.checkpoint`` and ``jax.vmap``.
 """
 
-from kernels._checks import SUPPORTED_HEAD_DIMS
+from kernels._checks import MAX_HEAD_DIM, head_dim_problem
 from kernels.flash import flash_attention
 from kernels.reference import attention as reference_attention
 from kernels.softmax import fused_softmax_attention, masked_softmax
 
 __all__ = [
-    "SUPPORTED_HEAD_DIMS",
+    "MAX_HEAD_DIM",
+    "head_dim_problem",
     "flash_attention",
     "fused_softmax_attention",
     "masked_softmax",

@@ -7,7 +7,16 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+MAX_HEAD_DIM = 256
+
+
+def head_dim_problem(head_dim: int) -> str | None:
+    """Why the kernels cannot take ``head_dim``, or None if they can: any
+    multiple of 8 up to 256 (tiles are padded to the next power of two)."""
+    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} is not supported; the Triton kernels take a multiple of 8 "
+                f"from 8 to {MAX_HEAD_DIM}")
+    return None
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -40,9 +49,9 @@ def check_attention_args(q, k, v, segment_ids, softmax_scale, *, name: str,
         raise ValueError(f"{name}: q has batch {b} but k/v have batch {bk}.")
     if dk != d:
         raise ValueError(f"{name}: q has head_dim {d} but k/v have head_dim {dk}.")
-    if check_head_dim and d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"{name}: head_dim {d} is not supported; use one of {SUPPORTED_HEAD_DIMS}.")
+    problem = head_dim_problem(d) if check_head_dim else None
+    if problem:
+        raise ValueError(f"{name}: {problem}.")
     if kvh < 1 or h % kvh != 0:
         raise ValueError(
             f"{name}: num_kv_heads {kvh} must divide num_heads {h} (GQA/MQA).")

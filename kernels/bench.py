@@ -193,6 +193,7 @@ def plot(rows, path):
 def run_gpu(args):
     dtype = jnp.dtype(args.dtype)
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     for d in args.head_dims:
         for causal in args.causal:
             for t in args.seq_lens:
@@ -204,7 +205,8 @@ def run_gpu(args):
                         print("  ".join(FIELDS))
                     rows.append(row)
                     print("  ".join(_fmt(row.get(f)) for f in FIELDS), flush=True)
-    os.makedirs(args.out, exist_ok=True)
+                    # rewritten after every row: a run cut short keeps what it measured
+                    write_csv(rows, os.path.join(args.out, "results.csv"), FIELDS)
     print("\nsummary:")
     print_table(rows, FIELDS)
     write_csv(rows, os.path.join(args.out, "results.csv"), FIELDS)
@@ -288,6 +290,10 @@ def main(argv=None):
                    help="CPU check: sequence lengths (batch 2, 4 heads, head_dim 32)")
     p.add_argument("--cpu-check", action="store_true",
                    help="run the CPU interpreter check even if a GPU is present")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the GPU benchmark's code path whatever the backend (a CPU "
+                        "rehearsal of kernels/gpu_session.sh: give tiny sizes; cuDNN rows "
+                        "then report an error)")
     args = p.parse_args(argv)
     for impl in args.impls:
         if impl not in IMPLS:
@@ -295,7 +301,7 @@ def main(argv=None):
 
     backend = jax.default_backend()
     print(f"jax {jax.__version__}, backend {backend}, devices {jax.devices()}")
-    if backend != "gpu" or args.cpu_check:
+    if (backend != "gpu" and not args.rehearse) or args.cpu_check:
         if backend != "gpu":
             print("No GPU available: the GPU benchmark (XLA / Triton softmax / Triton flash / "
                   "cuDNN) was NOT run.  Running a small CPU correctness + timing check of the "

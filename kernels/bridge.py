@@ -28,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.abc
 import inspect
 import os
+import sys
 import threading
 import types
 from typing import Any, Callable, Sequence
@@ -37,7 +39,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-__all__ = ["triton_call", "on_gpu", "use_interpreter"]
+__all__ = ["triton_call", "on_gpu", "use_interpreter", "lower_for_gpu", "typed_scalar"]
 
 # Triton's interpreter checks every int32 add/sub/mul for overflow by default
 # (a debugging aid that is off in compiled kernels unless debug=True).  It
@@ -46,14 +48,99 @@ __all__ = ["triton_call", "on_gpu", "use_interpreter"]
 INTERPRETER_SANITIZE_OVERFLOW = os.environ.get("KERNELS_INTERPRET_SANITIZE_OVERFLOW", "0") == "1"
 
 
+# Set by lower_for_gpu(): the GPU branch is taken without a GPU, so that a
+# function can be lowered for CUDA on a CPU-only machine (tests, CI).
+_FORCED_GPU: dict | None = None
+
+
 def on_gpu() -> bool:
-    """True when JAX's default backend is a GPU (CUDA or ROCm)."""
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+    """True when JAX's default backend is a GPU (CUDA or ROCm), or inside
+    :func:`lower_for_gpu`."""
+    return _FORCED_GPU is not None or jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
 def use_interpreter() -> bool:
     """True when kernels run in Triton's interpreter (every non-GPU backend)."""
     return not on_gpu()
+
+
+@contextlib.contextmanager
+def lower_for_gpu(compute_capability: int = 90):
+    """Take the GPU (jax-triton) branch while tracing, whatever the backend.
+
+    For lowering only, e.g. on a machine without a GPU::
+
+      with bridge.lower_for_gpu(90):
+        lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+    ``compute_capability`` is passed to ``jax_triton.triton_call`` (without it
+    jax-triton asks device 0 for its capability, which fails without a GPU).
+    Needs jax-triton and the jax CUDA plugin (the ``test`` extra installs both).
+    Kernel configurations are decided when a function is traced, so trace
+    inside the context.  Not thread-safe (a module-level switch).
+    """
+    global _FORCED_GPU
+    saved = _FORCED_GPU
+    _FORCED_GPU = {"compute_capability": int(compute_capability)}
+    try:
+        yield
+    finally:
+        _FORCED_GPU = saved
+
+
+# --------------------------------------------------------------------------
+# scalar arguments: one explicit dtype each, the same on both paths
+# --------------------------------------------------------------------------
+
+# What a scalar kernel argument may be, and the Triton type it has in the
+# kernel.  jax-triton alone would type a Python float as fp64 (the interpreter
+# as fp32), so every scalar is converted here, before either path sees it.
+_SCALAR_TRITON_TYPES = {np.dtype(np.float32): "fp32", np.dtype(np.int32): "i32",
+                        np.dtype(np.bool_): "i1"}
+
+
+def typed_scalar(value) -> np.generic:
+    """The scalar kernel argument ``value`` as a NumPy scalar of one explicit dtype.
+
+    Python ``float`` -> ``np.float32``; Python ``int`` -> ``np.int32`` (values
+    outside int32 raise ValueError: pass such quantities as arrays); Python
+    ``bool`` -> ``np.bool_``.  ``np.float32``, ``np.int32`` and ``np.bool_``
+    are kept.  Anything else (``np.float64``, ``np.int64``...) raises
+    TypeError, so a kernel never receives a type it was not written for.
+    The kernel sees fp32, i32 or i1 respectively, compiled or interpreted.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value)
+    if isinstance(value, int) and not isinstance(value, np.generic):
+        if not -2**31 <= value < 2**31:
+            raise ValueError(f"scalar kernel argument {value} does not fit in int32.")
+        return np.int32(value)
+    if isinstance(value, float) and not isinstance(value, np.generic):
+        return np.float32(value)
+    if isinstance(value, np.generic) and value.dtype in _SCALAR_TRITON_TYPES:
+        return value
+    raise TypeError(
+        f"scalar kernel argument {value!r} of type {type(value).__name__}: use a Python "
+        f"float/int/bool or np.float32/np.int32/np.bool_.")
+
+
+def _gpu_scalar(value: np.generic):
+    """What jax-triton types as our dtype: Python int in int32 range -> i32,
+    np.float32 -> fp32, bool -> i1."""
+    if value.dtype == np.bool_:
+        return bool(value)
+    if value.dtype == np.int32:
+        return int(value)
+    return value  # np.float32
+
+
+def _interpreter_scalar(value: np.generic):
+    """A typed 0-d Triton tensor, as a compiled kernel receives the argument
+    (the interpreter would otherwise keep a Python float as an untyped constant)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+    ty = {"fp32": tl.float32, "i32": tl.int32, "i1": tl.int1}[_SCALAR_TRITON_TYPES[value.dtype]]
+    return tl.tensor(TensorHandle(np.array([value], dtype=value.dtype), ty), ty)
 
 
 # --------------------------------------------------------------------------
@@ -369,15 +456,42 @@ def _fast_create_dot(builder, original, a, b, d, input_precision, max_num_imprec
 _WARMED = False
 
 
+class _RefuseTorch(importlib.abc.MetaPathFinder):
+    """Refuses `import torch` (and torch.*): see :func:`_warm_lazy_imports`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"{name} is never imported by kernels/", name=name)
+        return None
+
+
 def _warm_lazy_imports() -> None:
-    """Trigger Triton's lazy imports (e.g. gluon, imported by the type mangler)
-    while triton.language is unpatched: some of them assert on its JITFunctions."""
+    """Run Triton's one-time initialisation of its argument specializer, with
+    ``import torch`` refused, before anything else calls it.
+
+    Triton's native specializer (``native_specialize_impl``, used by the
+    interpreter's launches, by ``mangle_type`` and by jax-triton when it lowers a
+    kernel) imports torch on its first call, to recognise torch tensors: where
+    torch is installed, that would load it into our process.  Refused here, the
+    import fails, Triton carries on without it, and later calls never try again.
+    The same first call triggers Triton's lazy imports (e.g. gluon), which must
+    happen while triton.language is unpatched: some of them assert on its
+    JITFunctions.
+    """
     global _WARMED
     if _WARMED:
         return
     from triton.runtime.jit import mangle_type
-    for probe in (_NumpyTensor(np.zeros(1, np.float32)), 1, 1.0, True):
-        mangle_type(probe)
+    refuse = None
+    if "torch" not in sys.modules:  # already imported by the user: nothing to protect
+        refuse = _RefuseTorch()
+        sys.meta_path.insert(0, refuse)
+    try:
+        for probe in (_NumpyTensor(np.zeros(1, np.float32)), 1, 1.0, True):
+            mangle_type(probe)
+    finally:
+        if refuse is not None:
+            sys.meta_path.remove(refuse)
     _WARMED = True
 
 
@@ -401,7 +515,7 @@ def _run_interpreted(kernel, spec, grid, constexprs, out_shapes, *arrays):
             keep.append(arr)
             call_args.append(_NumpyTensor(arr))
         else:
-            call_args.append(value)
+            call_args.append(_interpreter_scalar(value))
     # Outputs are poisoned (NaN / huge negative ints) so that an element the
     # kernel forgets to write is visible instead of silently zero.
     outs = [_poison(s.shape, s.dtype) for s in out_shapes]
@@ -474,7 +588,9 @@ def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
       kernel: a ``@triton.jit`` function (or a ``triton.autotune`` wrapper of
         one; on the interpreter the wrapper is bypassed and the constexprs
         given here must be complete).
-      *args: arrays and Python scalars, in kernel-parameter order.
+      *args: arrays and scalars, in kernel-parameter order.  Each scalar gets
+        one explicit dtype (:func:`typed_scalar`: Python float -> fp32, int ->
+        int32, bool -> int1), identical on the GPU and interpreter paths.
       out_shape: a ``jax.ShapeDtypeStruct`` or a sequence of them; one pointer
         per output follows ``args`` in the kernel signature.
       grid: tuple of up to 3 ints, or a callable taking the metaparameter dict.
@@ -487,9 +603,12 @@ def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
     out_shapes = [out_shape] if single else list(out_shape)
     if interpret is None:
         interpret = use_interpreter()
+    args = tuple(a if _is_array(a) else typed_scalar(a) for a in args)
 
     if not interpret:
         import jax_triton as jt  # lazy: GPU-only dependency
+
+        _warm_lazy_imports()  # before jax-triton's lowering calls Triton's specializer
 
         params = inspect.signature(jt.triton_call).parameters
         out_kw = "out_type" if "out_type" in params else "out_shape"
@@ -498,6 +617,9 @@ def triton_call(kernel, *args, out_shape, grid, num_warps: int | None = None,
             launch["num_warps"] = num_warps
         if num_stages is not None:
             launch["num_stages"] = num_stages
+        if _FORCED_GPU is not None:
+            launch["compute_capability"] = _FORCED_GPU["compute_capability"]
+        args = tuple(a if _is_array(a) else _gpu_scalar(a) for a in args)
         outs = jt.triton_call(*args, kernel=kernel, grid=grid,
                               **{out_kw: out_shapes}, **launch, **constexprs)
         if not isinstance(outs, (list, tuple)):

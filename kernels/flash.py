@@ -58,11 +58,12 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base, lo, hi, Tk, kv_stride,
-               shift, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               shift, qk_scale, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_DIM  # the tile is padded to a power of two along head_dim
     # pointers advance by one block per iteration (fewer ops per iteration)
     kT_ptrs = K_base + (lo + offs_n)[None, :] * kv_stride + offs_d[:, None]
     v_ptrs = V_base + (lo + offs_n)[:, None] * kv_stride + offs_d[None, :]
@@ -71,8 +72,11 @@ def _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base, lo, h
         if MASKED:
             cols = start_n + offs_n
             col_ok = cols < Tk
-            k = tl.load(kT_ptrs, mask=col_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+            k = tl.load(kT_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_PAD != HEAD_DIM:
+            k = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
             k = tl.load(kT_ptrs)
             v = tl.load(v_ptrs)
@@ -120,7 +124,8 @@ def _kv_range(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH,
                       O, LSE,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
@@ -138,10 +143,10 @@ def _flash_fwd_kernel(Q, K, V, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH,
     KSEG_base = KSEG + off_b64 * Tk
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
     row_ok = offs_m < Tq
-    q = tl.load(Q_base + offs_m[:, None] * q_stride + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q_base + offs_m[:, None] * q_stride + offs_d[None, :], mask=tile_ok, other=0.0)
     if HAS_SEG:
         q_seg = tl.load(QSEG + off_b64 * Tq + offs_m, mask=row_ok, other=-1)
     else:
@@ -150,28 +155,29 @@ def _flash_fwd_kernel(Q, K, V, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     shift = Tk - Tq
     full_end, hi = _kv_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     # stage 1: unmasked blocks
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base, 0,
-                               full_end, Tk, kv_stride, shift, qk_scale, HEAD_DIM, BLOCK_N,
-                               False, CAUSAL, HAS_SEG, DOT_PRECISION)
+                               full_end, Tk, kv_stride, shift, qk_scale, HEAD_DIM, HEAD_PAD,
+                               BLOCK_N, False, CAUSAL, HAS_SEG, DOT_PRECISION)
     # stage 2: diagonal band and/or ragged tail, masked
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, q_seg, offs_m, K_base, V_base, KSEG_base,
-                               full_end, hi, Tk, kv_stride, shift, qk_scale, HEAD_DIM, BLOCK_N,
-                               True, CAUSAL, HAS_SEG, DOT_PRECISION)
+                               full_end, hi, Tk, kv_stride, shift, qk_scale, HEAD_DIM,
+                               HEAD_PAD, BLOCK_N, True, CAUSAL, HAS_SEG, DOT_PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(O_base + offs_m[:, None] * q_stride + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+             mask=tile_ok)
     tl.store(LSE + off_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, Tq, H, DELTA, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_preprocess(O, DO, Tq, H, DELTA, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // H
@@ -179,11 +185,12 @@ def _bwd_preprocess(O, DO, Tq, H, DELTA, HEAD_DIM: tl.constexpr, BLOCK_M: tl.con
     stride = H * HEAD_DIM
     base = off_b.to(tl.int64) * Tq * stride + off_h * HEAD_DIM
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
     row_ok = offs_m < Tq
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     ptrs = base + offs_m[:, None] * stride + offs_d[None, :]
-    o = tl.load(O + ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=tile_ok, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     tl.store(DELTA + off_bh.to(tl.int64) * Tq + offs_m, delta, mask=row_ok)
 
@@ -191,9 +198,10 @@ def _bwd_preprocess(O, DO, Tq, H, DELTA, HEAD_DIM: tl.constexpr, BLOCK_M: tl.con
 @triton.jit
 def _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q_base, DO_base, LSE_base, DELTA_base,
                   QSEG_base, lo, hi, Tq, q_stride, shift, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                  HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_DIM
     offs_mb = tl.arange(0, BLOCK_M)
     q_ptrs = Q_base + (lo + offs_mb)[:, None] * q_stride + offs_d[None, :]
     do_ptrs = DO_base + (lo + offs_mb)[:, None] * q_stride + offs_d[None, :]
@@ -201,8 +209,8 @@ def _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q_base, DO_base, LSE_base, DELTA_
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
         row_ok = offs_m < Tq
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # rows past Tq get lse = +inf, hence P = 0: no other mask needed for them
         lse = tl.load(LSE_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
@@ -225,7 +233,8 @@ def _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q_base, DO_base, LSE_base, DELTA_
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH,
                      DK, DV,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0)
@@ -239,11 +248,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, K
     kv_off = off_b64 * Tk * kv_stride + off_kvh * HEAD_DIM
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
     col_ok = offs_n < Tk
+    tile_ok = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     kv_ptrs = kv_off + offs_n[:, None] * kv_stride + offs_d[None, :]
-    k = tl.load(K + kv_ptrs, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + kv_ptrs, mask=col_ok[:, None], other=0.0)
+    k = tl.load(K + kv_ptrs, mask=tile_ok, other=0.0)
+    v = tl.load(V + kv_ptrs, mask=tile_ok, other=0.0)
     if HAS_SEG:
         k_seg = tl.load(KSEG + off_b64 * Tk + offs_n, mask=col_ok, other=-2)
     else:
@@ -262,32 +272,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, K
         lo = 0
         mid = 0
 
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_PAD], dtype=tl.float32)
     for g in range(0, group):
         off_h = off_kvh * group + g
         q_off = off_b64 * Tq * q_stride + off_h * HEAD_DIM
         row_off = (off_b64 * H + off_h) * Tq
         dk, dv = _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q + q_off, DO + q_off, LSE + row_off,
                                DELTA + row_off, QSEG + off_b64 * Tq, lo, mid, Tq, q_stride,
-                               shift, qk_scale, HEAD_DIM, BLOCK_M, True, HAS_SEG,
+                               shift, qk_scale, HEAD_DIM, HEAD_PAD, BLOCK_M, True, HAS_SEG,
                                DOT_PRECISION)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, k_seg, offs_n, Q + q_off, DO + q_off, LSE + row_off,
                                DELTA + row_off, QSEG + off_b64 * Tq, mid, q_end, Tq, q_stride,
-                               shift, qk_scale, HEAD_DIM, BLOCK_M, False, HAS_SEG,
+                               shift, qk_scale, HEAD_DIM, HEAD_PAD, BLOCK_M, False, HAS_SEG,
                                DOT_PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty), mask=tile_ok)
+    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
 def _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG_base, lo, hi, Tk,
-                 kv_stride, shift, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 kv_stride, shift, qk_scale, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD_DIM
     k_ptrs = K_base + (lo + offs_n)[:, None] * kv_stride + offs_d[None, :]
     v_ptrs = V_base + (lo + offs_n)[:, None] * kv_stride + offs_d[None, :]
     step = BLOCK_N * kv_stride
@@ -295,8 +306,11 @@ def _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG_base
         if MASKED:
             cols = start_n + offs_n
             col_ok = cols < Tk
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_PAD != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -321,7 +335,8 @@ def _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG_base
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH,
                    DQ,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -336,11 +351,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH
     V_base = V + off_b64 * Tk * kv_stride + off_kvh * HEAD_DIM
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_PAD)
     row_ok = offs_m < Tq
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     ptrs = q_off + offs_m[:, None] * q_stride + offs_d[None, :]
-    q = tl.load(Q + ptrs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + ptrs, mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + ptrs, mask=tile_ok, other=0.0)
+    do = tl.load(DO + ptrs, mask=tile_ok, other=0.0)
     row_off = off_bh.to(tl.int64) * Tq
     lse = tl.load(LSE + row_off + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_off + offs_m, mask=row_ok, other=0.0)
@@ -351,15 +367,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, QSEG, KSEG, sm_scale, Tq, Tk, H, KVH
     qk_scale = sm_scale * 1.4426950408889634
     shift = Tk - Tq
     full_end, hi = _kv_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     dq = _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG + off_b64 * Tk,
-                      0, full_end, Tk, kv_stride, shift, qk_scale, HEAD_DIM, BLOCK_N, False,
-                      CAUSAL, HAS_SEG, DOT_PRECISION)
+                      0, full_end, Tk, kv_stride, shift, qk_scale, HEAD_DIM, HEAD_PAD, BLOCK_N,
+                      False, CAUSAL, HAS_SEG, DOT_PRECISION)
     dq = _bwd_q_inner(dq, q, do, lse, delta, q_seg, offs_m, K_base, V_base, KSEG + off_b64 * Tk,
-                      full_end, hi, Tk, kv_stride, shift, qk_scale, HEAD_DIM, BLOCK_N, True,
-                      CAUSAL, HAS_SEG, DOT_PRECISION)
+                      full_end, hi, Tk, kv_stride, shift, qk_scale, HEAD_DIM, HEAD_PAD, BLOCK_N,
+                      True, CAUSAL, HAS_SEG, DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
 # ---------------------------------------------------------------------------
@@ -376,7 +392,20 @@ _FWD_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)
 _BWD_CONFIGS = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
                 (128, 32, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2)]
 # fixed GPU config when autotuning is disabled (KERNELS_AUTOTUNE=0)
-_GPU_FIXED = {32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (64, 32), 512: (32, 32)}
+_GPU_FIXED = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (64, 32), 512: (32, 32)}
+# fp32 inputs are the exact (input_precision="ieee") path: tl.dot becomes
+# unrolled FMAs, not tensor-core MMAs, so it is a correctness path, never a
+# fast one.  One small fixed tile, no autotuning: each fp32 configuration
+# takes 5-30 s to compile (measured in tests/test_gpu_lowering.py) and
+# jax-triton would compile the whole list at every lowering.
+_GPU_FP32 = (32, 32)
+
+
+def head_pad(head_dim: int) -> int:
+    """Width of the head_dim tile: the next power of two, at least 16 (tl.dot's
+    minimum).  Head dims that are not powers of two (e.g. 80, 96) are padded
+    with masked loads/stores; the padding costs compute, not correctness."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _effective_dim(head_dim: int, dtype) -> int:
@@ -445,12 +474,14 @@ def _dot_precision(dtype) -> str:
     return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
 
-def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int):
+def _blocks(cfg: _Cfg, tq: int, tk: int, head_dim: int, dtype):
     """(BLOCK_M, BLOCK_N), or None to autotune; head_dim is the effective one."""
     if cfg.block_sizes is not None:
         return cfg.block_sizes
     if cfg.interpret:
         return interpreter_block_sizes(tq, tk)
+    if jnp.dtype(dtype) == jnp.float32:
+        return _GPU_FP32
     if os.environ.get("KERNELS_AUTOTUNE", "1") == "0":
         return _GPU_FIXED[head_dim]
     return None  # autotune
@@ -476,13 +507,13 @@ def _fwd_impl(cfg: _Cfg):
         qseg, kseg = _seg_operands(cfg, segs)
         out_shape = [jax.ShapeDtypeStruct(q.shape, cdt),
                      jax.ShapeDtypeStruct((b, h, tq), jnp.float32)]
-        consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
+        consts = dict(HEAD_DIM=d, HEAD_PAD=head_pad(d), CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
-        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))
+        blocks = _blocks(cfg, tq, tk, _effective_dim(head_pad(d), cdt), cdt)
         args = (q, k, v, qseg, kseg, cfg.scale, tq, tk, h, kvh)
         if blocks is None:
             o, lse = bridge.triton_call(
-                _tuned("fwd", _effective_dim(d, cdt)), *args, out_shape=out_shape,
+                _tuned("fwd", _effective_dim(head_pad(d), cdt)), *args, out_shape=out_shape,
                 grid=lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
                 interpret=False, **consts)
         else:
@@ -505,25 +536,25 @@ def _bwd_impl(cfg: _Cfg):
         dtypes = (q.dtype, k.dtype, v.dtype)
         q, k, v, o, do = (x.astype(cdt) for x in (q, k, v, o, do))
         qseg, kseg = _seg_operands(cfg, segs)
-        consts = dict(HEAD_DIM=d, CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
+        consts = dict(HEAD_DIM=d, HEAD_PAD=head_pad(d), CAUSAL=cfg.causal, HAS_SEG=cfg.has_seg,
                       DOT_PRECISION=_dot_precision(cdt))
-        blocks = _blocks(cfg, tq, tk, _effective_dim(d, cdt))
+        blocks = _blocks(cfg, tq, tk, _effective_dim(head_pad(d), cdt), cdt)
         pre_bm = blocks[0] if blocks is not None else 64
         (delta,) = bridge.triton_call(
             _bwd_preprocess, o, do, tq, h,
             out_shape=jax.ShapeDtypeStruct((b, h, tq), jnp.float32),
             grid=(triton.cdiv(tq, pre_bm), b * h), interpret=cfg.interpret,
-            HEAD_DIM=d, BLOCK_M=pre_bm, num_warps=4, num_stages=1)
+            HEAD_DIM=d, HEAD_PAD=head_pad(d), BLOCK_M=pre_bm, num_warps=4, num_stages=1)
         args = (q, k, v, do, lse, delta, qseg, kseg, cfg.scale, tq, tk, h, kvh)
         kv_shapes = [jax.ShapeDtypeStruct(k.shape, cdt), jax.ShapeDtypeStruct(v.shape, cdt)]
         q_shape = jax.ShapeDtypeStruct(q.shape, cdt)
         if blocks is None:
             dk, dv = bridge.triton_call(
-                _tuned("dkdv", _effective_dim(d, cdt)), *args, out_shape=kv_shapes,
+                _tuned("dkdv", _effective_dim(head_pad(d), cdt)), *args, out_shape=kv_shapes,
                 grid=lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * kvh),
                 interpret=False, **consts)
             (dq,) = bridge.triton_call(
-                _tuned("dq", _effective_dim(d, cdt)), *args, out_shape=q_shape,
+                _tuned("dq", _effective_dim(head_pad(d), cdt)), *args, out_shape=q_shape,
                 grid=lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
                 interpret=False, **consts)
         else:

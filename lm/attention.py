@@ -9,7 +9,7 @@ impl:
   cudnn          jax.nn.dot_product_attention(implementation="cudnn"), GPU only
   triton         our fused flash-attention kernel (kernels/), GPU or CPU interpreter
   triton_softmax XLA matmuls around our fused Triton softmax kernel
-  auto           triton on GPU, xla elsewhere
+  auto           triton on GPU when the kernels take the head size, xla otherwise
 """
 
 from __future__ import annotations
@@ -23,12 +23,36 @@ IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")
 _MASK_VALUE = -1e30  # finite, so a fully masked row gives zeros rather than NaN
 
 
-def resolve_impl(impl: str) -> str:
+def _kernel_head_dim_problem(head_dim: int) -> str | None:
+  from kernels import head_dim_problem  # lazily: the xla path never needs Triton
+  return head_dim_problem(head_dim)
+
+
+def check_impl(impl: str, head_dim: int) -> None:
+  """ValueError (one sentence) if `impl` is unknown or cannot run heads of size `head_dim`.
+
+  Called when the model config is read, so a model the Triton kernels cannot run is refused
+  before any work, not at its first step."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
+  if impl in ("triton", "triton_softmax"):
+    problem = _kernel_head_dim_problem(head_dim)
+    if problem:
+      raise ValueError(f"attention_impl={impl!r}: {problem}; use attention_impl='xla', "
+                       f"'cudnn' or 'auto'")
+
+
+def resolve_impl(impl: str, head_dim: int | None = None) -> str:
+  """The implementation `impl` runs as; `auto` picks triton on a GPU only when the kernels
+  take `head_dim` (None: not known, assumed fine), else xla (which runs anything)."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
   if impl == "auto":
     from kernels.bridge import on_gpu  # the project's one "is this a GPU" test
-    return "triton" if on_gpu() else "xla"
+    if not on_gpu():
+      return "xla"
+    ok = head_dim is None or _kernel_head_dim_problem(head_dim) is None
+    return "triton" if ok else "xla"
   return impl
 
 
@@ -36,7 +60,7 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
               rules=sharding.DEFAULT_RULES):
   """softmax(QK^T/sqrt(d))V by `impl`; `rules` (config.mesh.rules) place the Triton kernels'
   per-device blocks under a mesh."""
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, q.shape[-1])
   if impl == "xla":
     return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids)
   if impl == "cudnn":

@@ -43,12 +43,15 @@ def _model() -> ml_collections.ConfigDict:
   model.attention_impl = "auto"  # xla | cudnn | triton | triton_softmax | auto
   model.positions = "rope"  # rope | learned
   model.norm = "pre"  # pre | post
+  model.norm_type = "layernorm"  # layernorm | rmsnorm
   model.mlp = "swiglu"  # gelu | swiglu
-  model.use_bias = False
+  model.use_bias = False  # biases in every dense layer (GPT-2)
+  model.qkv_bias = False  # biases on the q, k, v projections only (Qwen2)
   model.tie_embeddings = True
   model.max_seq_len = 256
   model.ln_eps = 1e-5
   model.rope_theta = 10000.0
+  model.rope_scaling = ""  # "" | "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,..."
   model.dtype = "float32"  # compute dtype: bfloat16 on GPU
   model.num_classes = 0  # > 0 adds a sequence-classification head
   return model

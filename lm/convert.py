@@ -1,22 +1,31 @@
-"""GPT-2 interop: Hugging Face GPT-2 checkpoints <-> our Transformer, without torch.
+"""Hugging Face checkpoints <-> our Transformer, without torch: GPT-2, Llama, Mistral, Qwen2.
 
-Import (a directory with config.json and model.safetensors, as `save_pretrained` writes it or
-as the Hub serves it; read with the safetensors library's numpy API):
+Import (a directory with config.json and model.safetensors, or shards named by
+model.safetensors.index.json, as `save_pretrained` writes them or as the Hub serves them; any
+float dtype, bf16 included, read by our own safetensors parser):
 
   python -m lm.convert --hf_dir=DIR --workdir=OUT
       writes OUT/checkpoints/0 (Orbax, the same train state a run saves: parameters plus a
       fresh optimizer), OUT/config.json and OUT/tokenizer.json, so that
       `experiments/run.py --workdir=OUT --mode=sample|eval` and `config.train.init_from=OUT`
       start from it.
-  lm.convert.from_hf_gpt2(DIR) -> Transformer whose call on ids [B, T] gives logits [B, T, V].
+  lm.convert.from_hf(DIR) -> Transformer whose call on ids [B, T] gives logits [B, T, V].
 
-Export: `python -m lm.convert --export --workdir=RUN --hf_dir=OUT` (or `to_hf_gpt2(model,
-OUT)`) writes config.json and model.safetensors with GPT-2's names and layouts
-(transformer.h.N.attn.c_attn.weight [d, 3d] in Conv1D (in, out) order, ...).
+Export: `python -m lm.convert --export --workdir=RUN --hf_dir=OUT` (or `to_hf(model, OUT)`)
+writes config.json and model.safetensors (float32) with the family's names and layouts.
 
-GPT-2 in our terms: learned positions, pre-LN, GELU (tanh approximation), LayerNorm eps from
-the config (1e-5), biases everywhere, multi-head attention with scale 1/sqrt(head_dim), and
-the output head tied to the token embedding (or `lm_head.weight` when untied).
+The families in our terms (config.json's model_type picks one):
+- gpt2: learned positions, pre-LN LayerNorm (layer_norm_epsilon), GELU (tanh approximation),
+  biases everywhere, multi-head attention, head tied to the token embedding (or `lm_head`).
+  Conv1D weights are [in, out] as our `x @ w`; c_attn is q | k | v.
+- llama, mistral, qwen2: rotary positions (rotate-half over the head dimension, as ours: no
+  q/k permutation is needed; rope_theta and rope_scaling type llama3), pre-norm RMSNorm
+  (rms_norm_eps), SwiGLU (gate_proj under silu times up_proj), grouped-query attention
+  (num_key_value_heads), no biases but Qwen2's on q/k/v (our qkv_bias), head tied or not
+  (tie_word_embeddings). nn.Linear weights are [out, in]: transposed here.
+  Mistral's sliding window (and Qwen2's, with use_sliding_window) is not implemented: when it
+  is shorter than max_position_embeddings, the context is clipped to it (a warning), where
+  full causal attention is the same function.
 """
 
 from __future__ import annotations
@@ -24,19 +33,22 @@ from __future__ import annotations
 import copy
 import json
 import os
+import struct
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from lm import tokenizers
 from lm.errors import UsageError
-from lm.model import ModelConfig, Transformer
+from lm.model import LLAMA3_KEYS, ModelConfig, Transformer, parse_rope_scaling
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # old causal-mask buffers
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -49,10 +61,27 @@ def read_hf_config(hf_dir: str) -> dict:
     return json.load(f)
 
 
+def model_type_of(hf: dict) -> str:
+  kind = hf.get("model_type", "gpt2")
+  if kind != "gpt2" and kind not in LLAMA_TYPES:
+    raise UsageError(f"model_type={kind!r}: checkpoints of types gpt2, "
+                     f"{', '.join(LLAMA_TYPES)} convert")
+  return kind
+
+
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
-  """Our ModelConfig for a Hugging Face GPT-2 config.json (rejects what we cannot express)."""
-  if hf.get("model_type", "gpt2") != "gpt2":
-    raise UsageError(f"model_type={hf.get('model_type')!r}: only GPT-2 checkpoints convert")
+  """Our ModelConfig for a Hugging Face config.json (rejects what we cannot express).
+  overrides set fields that change no shape (attention_impl, dtype)."""
+  fields = _gpt2_fields(hf) if model_type_of(hf) == "gpt2" else _llama_fields(hf)
+  fields.update(overrides)
+  from lm.config import model_config
+  try:
+    return model_config(**fields)  # fields the checkpoint leaves open: the defaults
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
+def _gpt2_fields(hf: dict) -> dict:
   act = hf.get("activation_function", "gelu_new")
   if act not in _TANH_GELUS:
     raise UsageError(f"activation_function={act!r}: the model implements GELU with the tanh "
@@ -63,88 +92,213 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
       raise UsageError(f"{key}={hf[key]!r} is not supported (GPT-2 uses {ok})")
   d = hf["n_embd"]
   n_inner = hf.get("n_inner")
-  fields = dict(vocab_size=hf["vocab_size"], max_seq_len=hf.get("n_positions", hf.get("n_ctx")),
-                num_layers=hf["n_layer"], num_heads=hf["n_head"], num_kv_heads=0, d_model=d,
-                d_ff=0 if n_inner in (None, 4 * d) else n_inner, positions="learned",
-                norm="pre", mlp="gelu", use_bias=True,
-                tie_embeddings=hf.get("tie_word_embeddings", True),
-                ln_eps=hf.get("layer_norm_epsilon", 1e-5))
-  fields.update(overrides)
-  from lm.config import model_config
-  try:
-    return model_config(**fields)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
+  return dict(vocab_size=hf["vocab_size"], max_seq_len=hf.get("n_positions", hf.get("n_ctx")),
+              num_layers=hf["n_layer"], num_heads=hf["n_head"], num_kv_heads=0, d_model=d,
+              d_ff=0 if n_inner in (None, 4 * d) else n_inner, positions="learned",
+              norm="pre", norm_type="layernorm", mlp="gelu", use_bias=True,
+              tie_embeddings=hf.get("tie_word_embeddings", True),
+              ln_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
-def hf_config_from_model(cfg: ModelConfig) -> dict:
-  problems = [f"{name}={getattr(cfg, name)!r} (GPT-2: {want!r})" for name, want in
-              (("positions", "learned"), ("norm", "pre"), ("mlp", "gelu"), ("use_bias", True))
-              if getattr(cfg, name) != want]
-  if cfg.kv_heads != cfg.num_heads:
+def _rope_from_hf(hf: dict) -> tuple[float, str]:
+  """(rope_theta, our rope_scaling spec) from transformers 4's rope_theta + rope_scaling or
+  transformers 5's rope_parameters."""
+  params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default":
+    return theta, ""
+  if kind != "llama3":
+    raise UsageError(f"rope_scaling type {kind!r} is not supported (default and llama3 are)")
+  missing = [k for k in LLAMA3_KEYS if k not in params]
+  if missing:
+    raise UsageError(f"rope_scaling of type llama3 lacks {', '.join(missing)}")
+  return theta, "llama3:" + ",".join(f"{k}={float(params[k])!r}" for k in LLAMA3_KEYS)
+
+
+def _llama_fields(hf: dict) -> dict:
+  kind = hf["model_type"]
+  d, h = hf["hidden_size"], hf["num_attention_heads"]
+  kv = hf.get("num_key_value_heads") or h
+  checks = (("hidden_act", "silu"), ("head_dim", d // h), ("partial_rotary_factor", 1.0),
+            ("attention_bias", False), ("mlp_bias", False))
+  for key, ok in checks:
+    if hf.get(key) not in (None, ok):
+      raise UsageError(f"{key}={hf[key]!r} is not supported ({kind} here needs {ok!r})")
+  theta, scaling = _rope_from_hf(hf)
+  context = hf.get("max_position_embeddings", 2048)
+  window = hf.get("sliding_window") if kind == "mistral" or hf.get("use_sliding_window") else None
+  if window and window < context:
+    logging.warning("%s: sliding_window=%d < max_position_embeddings=%d: sliding-window "
+                    "attention is not implemented; the context is clipped to %d", kind, window,
+                    context, window)
+    context = window
+  return dict(vocab_size=hf["vocab_size"], max_seq_len=context,
+              num_layers=hf["num_hidden_layers"], num_heads=h, num_kv_heads=0 if kv == h else kv,
+              d_model=d, d_ff=hf["intermediate_size"], positions="rope", norm="pre",
+              norm_type="rmsnorm", mlp="swiglu", use_bias=False, qkv_bias=kind == "qwen2",
+              tie_embeddings=hf.get("tie_word_embeddings", False),
+              ln_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling)
+
+
+def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dict:
+  """config.json for `cfg` as model_type (None: gpt2 for learned positions, qwen2 with q/k/v
+  biases, else llama); a UsageError when the model is not of that shape."""
+  if model_type is None:
+    model_type = ("gpt2" if cfg.positions == "learned" else
+                  "qwen2" if cfg.qkv_bias and not cfg.use_bias else "llama")
+  if model_type == "gpt2":
+    want = dict(positions="learned", norm="pre", norm_type="layernorm", mlp="gelu", use_bias=True)
+  elif model_type in LLAMA_TYPES:
+    want = dict(positions="rope", norm="pre", norm_type="rmsnorm", mlp="swiglu", use_bias=False,
+                qkv_bias=model_type == "qwen2")
+  else:
+    raise UsageError(f"model_type={model_type!r}: export writes gpt2, {', '.join(LLAMA_TYPES)}")
+  problems = [f"{k}={getattr(cfg, k)!r} ({model_type}: {v!r})" for k, v in want.items()
+              if getattr(cfg, k) != v]
+  if model_type == "gpt2" and cfg.kv_heads != cfg.num_heads:
     problems.append(f"num_kv_heads={cfg.num_kv_heads} (GPT-2 has multi-head attention)")
   if problems:
-    raise UsageError("the model is not GPT-2 shaped: " + ", ".join(problems))
-  return {
-      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-      "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
-      "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
-      "n_inner": None if cfg.ff_dim == 4 * cfg.d_model else cfg.ff_dim,
-      "activation_function": "gelu_new", "layer_norm_epsilon": cfg.ln_eps,
-      "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True,
-      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-      "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
-  }
+    shape = "GPT-2" if model_type == "gpt2" else model_type
+    raise UsageError(f"the model is not {shape} shaped: " + ", ".join(problems))
+  if model_type == "gpt2":
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+        "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+        "n_inner": None if cfg.ff_dim == 4 * cfg.d_model else cfg.ff_dim,
+        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.ln_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
+    }
+  scaling = parse_rope_scaling(cfg.rope_scaling)
+  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+          "qwen2": "Qwen2ForCausalLM"}[model_type]
+  hf = {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.ln_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if scaling is None else {"rope_type": "llama3", **scaling},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0}
+  if model_type == "llama":
+    hf.update(attention_bias=False, mlp_bias=False)
+  else:
+    hf.update(sliding_window=None, use_sliding_window=False)
+  return hf
+
+
+# --- safetensors -----------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+  """The tensors of one .safetensors file as read-only numpy arrays mapped from the file.
+
+  Parsed here (8-byte little-endian header length, JSON header, raw little-endian data)
+  because the safetensors library's numpy API refuses bf16; bf16 comes back as
+  ml_dtypes.bfloat16. A malformed file or an unknown dtype is a UsageError.
+  """
+  size = os.path.getsize(path)
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n)) if 8 + n <= size else None
+  except (struct.error, ValueError):
+    header = None
+  if not isinstance(header, dict):
+    raise UsageError(f"{path}: not a safetensors file")
+  data = np.memmap(path, np.uint8, "r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+  tensors = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _ST_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+      raise UsageError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, not one of "
+                       f"{', '.join(_ST_DTYPES)}")
+    shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+    if end - begin != np.dtype(dtype).itemsize * int(np.prod(shape)) or end > len(data):
+      raise UsageError(f"{path}: tensor {name} overruns the file or mismatches its shape")
+    tensors[name] = data[begin:end].view(dtype).reshape(shape)
+  return tensors
+
+
+def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
+  """All tensors of model.safetensors, or of the shards model.safetensors.index.json names."""
+  single = os.path.join(hf_dir, "model.safetensors")
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    return read_safetensors_file(single)
+  if not os.path.isfile(index):
+    raise UsageError(f"no model.safetensors in {hf_dir} (only safetensors weights are read)")
+  with open(index, encoding="utf-8") as f:
+    weight_map = json.load(f)["weight_map"]
+  tensors = {}
+  for shard in sorted(set(weight_map.values())):
+    path = os.path.join(hf_dir, shard)
+    if not os.path.isfile(path):
+      raise UsageError(f"{index} names {shard}, which is missing")
+    tensors.update(read_safetensors_file(path))
+  missing = sorted(set(weight_map) - set(tensors))
+  if missing:
+    raise UsageError(f"{index} places {missing[0]} in {weight_map[missing[0]]}, which lacks it")
+  return tensors
 
 
 # --- weights ---------------------------------------------------------------------------------
 
-def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """All tensors of model.safetensors (or the shards its index names), as numpy arrays."""
-  from safetensors.numpy import load_file
-  single = os.path.join(hf_dir, "model.safetensors")
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.isfile(single):
-    files = [single]
-  elif os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      files = [os.path.join(hf_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-  else:
-    raise UsageError(f"no model.safetensors in {hf_dir} (only safetensors weights are read)")
-  tensors = {}
-  for path in files:
-    try:
-      tensors.update(load_file(path))
-    except Exception as e:  # a corrupt file or a dtype numpy lacks (bf16)
-      raise UsageError(f"{path}: cannot read with safetensors.numpy ({e})") from None
-  return tensors
+class _Checkpoint:
+  """Tensors by name without the wrapper prefix ("transformer." / "model."), each taken once
+  with its shape checked against config.json; `check_all_used` refuses leftovers."""
 
+  def __init__(self, tensors: dict, prefix: str, ignored: tuple[str, ...]):
+    self.t = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()
+              if not k.endswith(ignored)}
+    self.used = set()
 
-def _strip(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {}
-  for name, value in tensors.items():
-    if name.endswith(_IGNORED_SUFFIXES):
-      continue
-    out[name[len("transformer."):] if name.startswith("transformer.") else name] = value
-  return out
+  def get(self, name: str, shape) -> np.ndarray:
+    if name not in self.t:
+      raise UsageError(f"the checkpoint lacks {name!r}")
+    x = np.asarray(self.t[name], np.float32)
+    if x.shape != tuple(shape):
+      raise UsageError(f"{name}: shape {x.shape}, expected {tuple(shape)} from config.json")
+    self.used.add(name)
+    return x
+
+  def head(self, cfg: ModelConfig, params: dict) -> None:
+    v, d = cfg.vocab_size, cfg.d_model
+    if not cfg.tie_embeddings:
+      params["head"] = self.get("lm_head.weight", (v, d)).T
+    elif "lm_head.weight" in self.t:
+      self.used.add("lm_head.weight")  # a tied copy of the embedding
+
+  def check_all_used(self) -> None:
+    extra = sorted(set(self.t) - self.used)
+    if extra:
+      raise UsageError(f"unexpected tensors in the checkpoint: {', '.join(extra[:5])}"
+                       + (" ..." if len(extra) > 5 else ""))
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-  """GPT-2 tensors -> our parameters as a pure dict (the layout of nnx.State.to_pure_dict)."""
-  t = _strip(tensors)
-  used = set()
+  """HF tensors -> our parameters as a pure dict (the layout of nnx.State.to_pure_dict), float32.
+  The family follows from cfg (learned positions: GPT-2; else Llama)."""
+  if cfg.positions == "learned":
+    return _gpt2_params(tensors, cfg)
+  return _llama_params(tensors, cfg)
 
-  def get(name, shape):
-    if name not in t:
-      raise UsageError(f"the checkpoint lacks {name!r}")
-    x = np.asarray(t[name], np.float32)
-    if x.shape != tuple(shape):
-      raise UsageError(f"{name}: shape {x.shape}, expected {tuple(shape)} from config.json")
-    used.add(name)
-    return x
 
+def _gpt2_params(tensors, cfg: ModelConfig) -> dict:
+  c = _Checkpoint(tensors, "transformer.", (".attn.bias", ".attn.masked_bias"))  # mask buffers
+  get = c.get
   d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
-  params = {"embed": get("wte.weight", (v, d)), "pos_embed": get("wpe.weight", (cfg.max_seq_len, d)),
+  params = {"embed": get("wte.weight", (v, d)),
+            "pos_embed": get("wpe.weight", (cfg.max_seq_len, d)),
             "ln_f": {"scale": get("ln_f.weight", (d,)), "bias": get("ln_f.bias", (d,))},
             "blocks": {}}
   for i in range(cfg.num_layers):
@@ -163,20 +317,49 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
                 "w_out": get(p + "mlp.c_proj.weight", (f, d)),
                 "b_out": get(p + "mlp.c_proj.bias", (d,))},
     }
-  if not cfg.tie_embeddings:
-    params["head"] = get("lm_head.weight", (v, d)).T
-  elif "lm_head.weight" in t:
-    used.add("lm_head.weight")  # a tied copy of wte
-  extra = sorted(set(t) - used)
-  if extra:
-    raise UsageError(f"unexpected tensors in the checkpoint: {', '.join(extra[:5])}"
-                     + (" ..." if len(extra) > 5 else ""))
+  c.head(cfg, params)
+  c.check_all_used()
+  return params
+
+
+def _llama_params(tensors, cfg: ModelConfig) -> dict:
+  c = _Checkpoint(tensors, "model.", (".rotary_emb.inv_freq",))  # an old, recomputed buffer
+  d, h, kv, hd, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
+  linear = lambda name, n_out, n_in: c.get(name, (n_out, n_in)).T  # nn.Linear is [out, in]
+  params = {"embed": c.get("embed_tokens.weight", (cfg.vocab_size, d)),
+            "ln_f": {"scale": c.get("norm.weight", (d,))}, "blocks": {}}
+  for i in range(cfg.num_layers):
+    a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    attn = {"wq": linear(a + "q_proj.weight", h * hd, d).reshape(d, h, hd),
+            "wk": linear(a + "k_proj.weight", kv * hd, d).reshape(d, kv, hd),
+            "wv": linear(a + "v_proj.weight", kv * hd, d).reshape(d, kv, hd),
+            "wo": linear(a + "o_proj.weight", d, h * hd)}
+    if cfg.qkv_bias:
+      for ours, theirs, heads in (("bq", "q", h), ("bk", "k", kv), ("bv", "v", kv)):
+        attn[ours] = c.get(a + f"{theirs}_proj.bias", (heads * hd,)).reshape(heads, hd)
+    params["blocks"][i] = {
+        "ln1": {"scale": c.get(f"layers.{i}.input_layernorm.weight", (d,))},
+        "ln2": {"scale": c.get(f"layers.{i}.post_attention_layernorm.weight", (d,))},
+        "attn": attn,
+        "mlp": {"w_gate": linear(m + "gate_proj.weight", f, d),  # silu(x @ w_gate) * (x @ w_in)
+                "w_in": linear(m + "up_proj.weight", f, d),
+                "w_out": linear(m + "down_proj.weight", d, f)},
+    }
+  c.head(cfg, params)
+  c.check_all_used()
   return params
 
 
 def hf_tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Inverse of params_from_hf, with the names `GPT2LMHeadModel.save_pretrained` writes."""
+  """Inverse of params_from_hf, with the names `*ForCausalLM.save_pretrained` writes."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  out = _gpt2_tensors(p, cfg) if cfg.positions == "learned" else _llama_tensors(p, cfg)
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = p["head"].T
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _gpt2_tensors(p: dict, cfg: ModelConfig) -> dict:
   d = cfg.d_model
   out = {"transformer.wte.weight": p["embed"], "transformer.wpe.weight": p["pos_embed"],
          "transformer.ln_f.weight": p["ln_f"]["scale"], "transformer.ln_f.bias": p["ln_f"]["bias"]}
@@ -194,9 +377,29 @@ def hf_tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarr
         pre + "mlp.c_fc.weight": m["w_in"], pre + "mlp.c_fc.bias": m["b_in"],
         pre + "mlp.c_proj.weight": m["w_out"], pre + "mlp.c_proj.bias": m["b_out"],
     })
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = p["head"].T
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  return out
+
+
+def _llama_tensors(p: dict, cfg: ModelConfig) -> dict:
+  d = cfg.d_model
+  out = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["ln_f"]["scale"]}
+  for i in range(cfg.num_layers):
+    blk, pre = p["blocks"][i], f"model.layers.{i}."
+    a, m = blk["attn"], blk["mlp"]
+    out.update({
+        pre + "input_layernorm.weight": blk["ln1"]["scale"],
+        pre + "post_attention_layernorm.weight": blk["ln2"]["scale"],
+        pre + "self_attn.q_proj.weight": a["wq"].reshape(d, -1).T,
+        pre + "self_attn.k_proj.weight": a["wk"].reshape(d, -1).T,
+        pre + "self_attn.v_proj.weight": a["wv"].reshape(d, -1).T,
+        pre + "self_attn.o_proj.weight": a["wo"].T,
+        pre + "mlp.gate_proj.weight": m["w_gate"].T, pre + "mlp.up_proj.weight": m["w_in"].T,
+        pre + "mlp.down_proj.weight": m["w_out"].T,
+    })
+    if cfg.qkv_bias:
+      for ours, theirs in (("bq", "q"), ("bk", "k"), ("bv", "v")):
+        out[pre + f"self_attn.{theirs}_proj.bias"] = a[ours].reshape(-1)
+  return out
 
 
 def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
@@ -206,20 +409,20 @@ def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
   return nnx.merge(graphdef, state)
 
 
-def from_hf_gpt2(hf_dir: str, **overrides) -> Transformer:
-  """Our model with the weights of a Hugging Face GPT-2 directory (config.json +
-  model.safetensors). overrides set ModelConfig fields that do not change shapes (e.g.
-  attention_impl, dtype)."""
+def from_hf(hf_dir: str, **overrides) -> Transformer:
+  """Our model (float32 parameters) with the weights of a Hugging Face directory (config.json
+  and safetensors) of model_type gpt2, llama, mistral or qwen2. overrides set ModelConfig
+  fields that change no shape (attention_impl, dtype). Bad input raises UsageError."""
   cfg = model_config_from_hf(read_hf_config(hf_dir), **overrides)
   return model_from_params(cfg, params_from_hf(read_safetensors(hf_dir), cfg))
 
 
-def to_hf_gpt2(model: Transformer, out_dir: str, tokenizer=None) -> None:
-  """Writes config.json and model.safetensors (float32) in GPT-2's format; tokenizer.json too
-  when `tokenizer` is a BPE one."""
+def to_hf(model: Transformer, out_dir: str, tokenizer=None, model_type: str | None = None):
+  """Writes config.json and model.safetensors (float32) as model_type (None: inferred, see
+  hf_config_from_model); tokenizer.json too when `tokenizer` is a BPE one."""
   from safetensors.numpy import save_file
   cfg = model.cfg
-  hf = hf_config_from_model(cfg)
+  hf = hf_config_from_model(cfg, model_type)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params.pop("cls_head", None), params.pop("cls_bias", None)
   os.makedirs(out_dir, exist_ok=True)
@@ -229,6 +432,17 @@ def to_hf_gpt2(model: Transformer, out_dir: str, tokenizer=None) -> None:
     json.dump(hf, f, indent=2)
   if tokenizer is not None and tokenizer.kind == "bpe":
     tokenizers.save(tokenizer, out_dir)
+
+
+def from_hf_gpt2(hf_dir: str, **overrides) -> Transformer:
+  """from_hf for a GPT-2 directory (kept for existing callers)."""
+  if model_type_of(read_hf_config(hf_dir)) != "gpt2":
+    raise UsageError(f"{hf_dir} is not a GPT-2 checkpoint")
+  return from_hf(hf_dir, **overrides)
+
+
+def to_hf_gpt2(model: Transformer, out_dir: str, tokenizer=None) -> None:
+  to_hf(model, out_dir, tokenizer, model_type="gpt2")
 
 
 # --- tokenizers ------------------------------------------------------------------------------
@@ -264,11 +478,13 @@ def run_config(cfg: ModelConfig, base_config=None):
 
 
 def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -> str:
-  """Converts a Hugging Face GPT-2 directory into a run directory at step 0; returns it."""
+  """Converts a Hugging Face directory into a run directory at step 0; returns it. Everything
+  is read and checked before anything is written."""
   from lm import checkpoint as ckpt_lib
   from lm import train as train_lib
   hf = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf)
+  params = params_from_hf(read_safetensors(hf_dir), cfg)
   tokenizer = tokenizer or load_hf_tokenizer(hf_dir)
   if tokenizer is None:
     if cfg.vocab_size != 256:
@@ -287,41 +503,47 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, tokenizers.FILENAME))
     config.train.init_from = ""
   run = train_lib.make_run(config, tokenizer.vocab_size)
-  model = model_from_params(run.model_cfg, params_from_hf(read_safetensors(hf_dir), cfg))
+  model = model_from_params(run.model_cfg, params)
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
   state = jax.device_put(nnx.state((model, optimizer)), run.shardings)
   workdir_lib.commit(workdir, config, tokenizer, None, 0)  # all read and built: now write
   ckpt = ckpt_lib.Checkpointer(ckpt_dir)
   ckpt.save(0, state, {"config": config.to_dict(), "tokenizer": tokenizer.to_json(),
-                       "seed": config.seed, "step": 0, "converted_from": os.path.abspath(hf_dir)})
+                       "seed": config.seed, "step": 0, "converted_from": os.path.abspath(hf_dir),
+                       "hf_model_type": model_type_of(hf)})
   ckpt.close()
   return workdir
 
 
-def workdir_to_hf(workdir: str, out_dir: str) -> str:
-  """Exports the latest checkpoint of a run directory in GPT-2's format; returns out_dir."""
+def workdir_to_hf(workdir: str, out_dir: str, model_type: str | None = None) -> str:
+  """Exports the latest checkpoint of a run directory as model_type (None: the type it was
+  converted from, else inferred from its shape); returns out_dir."""
   from lm import checkpoint as ckpt_lib
   from lm import runtime
   import ml_collections
   ckpt, meta = ckpt_lib.read_meta(workdir)
   ckpt.close()
+  model_type = model_type or meta.get("hf_model_type")
   config = ml_collections.ConfigDict(meta["config"])
   run, state, tokenizer, _ = runtime.load(config, workdir)
-  to_hf_gpt2(nnx.merge(run.graphdef, state)[0], out_dir, tokenizer)
+  to_hf(nnx.merge(run.graphdef, state)[0], out_dir, tokenizer, model_type)
   return out_dir
 
 
 def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(prog="python -m lm.convert", description=__doc__.split("\n")[0])
-  parser.add_argument("--hf_dir", required=True, help="Hugging Face GPT-2 directory")
+  parser.add_argument("--hf_dir", required=True, help="Hugging Face model directory")
   parser.add_argument("--workdir", required=True, help="our run directory")
   parser.add_argument("--export", action="store_true",
                       help="write the workdir's latest checkpoint to --hf_dir instead")
+  parser.add_argument("--model_type", choices=("gpt2",) + LLAMA_TYPES,
+                      help="--export: the type to write (default: the one converted from, "
+                      "else inferred from the model's shape)")
   args = parser.parse_args(argv)
   try:
     if args.export:
-      workdir_to_hf(args.workdir, args.hf_dir)
+      workdir_to_hf(args.workdir, args.hf_dir, args.model_type)
       print(f"wrote {args.hf_dir}/config.json and model.safetensors", flush=True)
     else:
       hf_to_workdir(args.hf_dir, args.workdir)

@@ -26,6 +26,8 @@ from lm import sharding
 # not what it computes. Every other field (checkpoint_fields) is fixed by a checkpoint, so a
 # new field is fixed unless it is added here.
 RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype")
+# What configs and checkpoints written before a field existed meant by its absence (issue 16).
+LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +45,14 @@ class ModelConfig:
   attention_impl: str  # xla | cudnn | triton | triton_softmax | auto
   positions: str  # rope | learned
   norm: str  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
+  norm_type: str  # layernorm (scale and bias) | rmsnorm (scale only; Llama, T5)
   mlp: str  # gelu (tanh approximation, as GPT-2) | swiglu
-  use_bias: bool
+  use_bias: bool  # biases in every dense layer (GPT-2)
+  qkv_bias: bool  # biases on the q, k, v projections only (Qwen2); implied by use_bias
   tie_embeddings: bool
-  ln_eps: float
+  ln_eps: float  # of either norm_type
   rope_theta: float
+  rope_scaling: str  # "" (none) or "llama3:factor=8,low_freq_factor=1,..." (rope_frequencies)
   dtype: str  # activation/compute dtype
   num_classes: int  # > 0 adds a sequence-classification head
 
@@ -61,6 +66,7 @@ class ModelConfig:
                        f"{self.num_heads}")
     for name, value, allowed in (("positions", self.positions, ("rope", "learned")),
                                  ("norm", self.norm, ("pre", "post")),
+                                 ("norm_type", self.norm_type, ("layernorm", "rmsnorm")),
                                  ("mlp", self.mlp, ("gelu", "swiglu")),
                                  ("attention_impl", self.attention_impl, attention_lib.IMPLS),
                                  ("dtype", self.dtype, ("float32", "bfloat16", "float16"))):
@@ -69,6 +75,8 @@ class ModelConfig:
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim (model.d_model / "
                        f"model.num_heads), got {self.head_dim}")
+    attention_lib.check_impl(self.attention_impl, self.head_dim)
+    parse_rope_scaling(self.rope_scaling)
 
   @property
   def kv_heads(self) -> int:
@@ -88,8 +96,10 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
-    """Builds from the ml_collections `config.model` section (or a dict); ValueError naming
-    the first field it lacks."""
+    """Builds from the ml_collections `config.model` section (or a dict); a field written
+    before it existed takes its LEGACY_DEFAULTS value; ValueError naming the first field
+    missing otherwise."""
+    model_cfg = {**LEGACY_DEFAULTS, **model_cfg}
     fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
     missing = [f for f in fields if f not in model_cfg]
     if missing:
@@ -127,25 +137,65 @@ def dense(x, w, b=None):
 
 
 class LayerNorm(nnx.Module):
+  """LayerNorm (mean removed, scale and bias) or, with norm_type="rmsnorm", RMSNorm
+  (x / sqrt(mean(x^2) + eps) * scale: no mean, no bias; Llama and T5)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.eps = cfg.ln_eps
     self.scale = param(rngs, ones, (cfg.d_model,), ("norm",))
-    self.bias = param(rngs, zeros, (cfg.d_model,), ("norm",))
+    rms = cfg.norm_type == "rmsnorm"
+    self.bias = None if rms else param(rngs, zeros, (cfg.d_model,), ("norm",))
 
   def __call__(self, x):
     # Statistics in fp32 whatever the compute dtype.
     xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    if self.bias is not None:
+      xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
     return y.astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (rotate-half convention)."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def parse_rope_scaling(spec: str) -> dict[str, float] | None:
+  """None for "" (no scaling); the four numbers of "llama3:factor=8,low_freq_factor=1,..."
+  (all of LLAMA3_KEYS, in any order). Raises ValueError for anything else."""
+  if not spec:
+    return None
+  kind, _, args = spec.partition(":")
+  try:
+    p = {k: float(v) for k, v in (a.split("=") for a in args.split(","))}
+  except ValueError:
+    p = {}
+  if kind != "llama3" or set(p) != set(LLAMA3_KEYS) or \
+      p["high_freq_factor"] <= p["low_freq_factor"]:
+    raise ValueError(f"model.rope_scaling={spec!r}: expected '' or 'llama3:"
+                     + "=..,".join(LLAMA3_KEYS) + "=..' with high_freq_factor > low_freq_factor")
+  return p
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """The rotary inverse frequencies [head_dim // 2] (fp32): theta^(-2i/head_dim), rescaled by
+  cfg.rope_scaling. "llama3" (Llama 3.1) divides the low frequencies (wavelength above
+  original_max_position_embeddings / low_freq_factor) by factor, keeps the high ones (below
+  .../high_freq_factor) and interpolates linearly in 1/wavelength between."""
+  half = cfg.head_dim // 2
+  freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  p = parse_rope_scaling(cfg.rope_scaling)
+  if p is None:
+    return freq
+  ratio = p["original_max_position_embeddings"] * freq / (2 * math.pi)  # context / wavelength
+  low, high = p["low_freq_factor"], p["high_freq_factor"]
+  smooth = jnp.clip((ratio - low) / (high - low), 0, 1)  # 0: low frequency, 1: high
+  return (1 - smooth) * freq / p["factor"] + smooth * freq
+
+
+def rope(x, positions, freq):
+  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (rotate-half convention, as
+  Hugging Face Llama: dimension i pairs with i + D/2) with frequencies freq [D // 2]."""
   angle = positions[..., None, None].astype(jnp.float32) * freq  # [B, T, 1, half]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -176,13 +226,13 @@ class Attention(nnx.Module):
     self.wk = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.wv = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.wo = param(rngs, normal(out_std), (h * hd, d), ("heads_merged", "embed"))
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       self.bq = param(rngs, zeros, (h, hd), ("heads", "head_dim"))
       self.bk = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"))
       self.bv = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"))
-      self.bo = param(rngs, zeros, (d,), ("embed",))
     else:
-      self.bq = self.bk = self.bv = self.bo = None
+      self.bq = self.bk = self.bv = None
+    self.bo = param(rngs, zeros, (d,), ("embed",)) if cfg.use_bias else None
 
   def __call__(self, x, positions, segment_ids, cache: LayerCache | None, cache_index):
     cfg = self.cfg
@@ -190,7 +240,8 @@ class Attention(nnx.Module):
     k = dense(x, self.wk, self.bk)
     v = dense(x, self.wv, self.bv)
     if cfg.positions == "rope":
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+      freq = rope_frequencies(cfg)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
     if cache is None:
       out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=True,
                                     segment_ids=segment_ids, rules=self.rules)

@@ -34,7 +34,7 @@ from lm import train as train_lib
 from lm import validate
 from lm import workdir as workdir_lib
 from lm.errors import UsageError
-from lm.model import checkpoint_fields, flops_per_token, num_params
+from lm.model import LEGACY_DEFAULTS, checkpoint_fields, flops_per_token, num_params
 
 # Data fields a checkpoint fixes besides the model's (lm.model.checkpoint_fields): a resumed
 # run must read the same token ids.
@@ -175,7 +175,8 @@ def check_resumable(saved: dict, config) -> None:
   """UsageError naming the first model or data field that `config` changes from `saved` (a
   checkpoint's config) but the checkpoint fixes."""
   for field in checkpoint_fields():
-    old, new = saved["model"].get(field), config.model.get(field)
+    old = saved["model"].get(field, LEGACY_DEFAULTS.get(field))
+    new = config.model.get(field, LEGACY_DEFAULTS.get(field))
     if old != new:
       raise UsageError(f"the workdir's checkpoint has model.{field}={old!r} but the config says "
                        f"{new!r}: use a new --workdir or the old config")
@@ -189,6 +190,7 @@ def check_resumable(saved: dict, config) -> None:
 def with_checkpoint_fields(config, saved_model: dict, source: str, keep=()):
   """A copy of `config` whose model fields fixed by a checkpoint are the checkpoint's
   (saved_model: its config's model section), except those in `keep`."""
+  saved_model = {**LEGACY_DEFAULTS, **saved_model}  # a checkpoint older than a field
   config = copy.deepcopy(config)
   with config.unlocked():
     for field in checkpoint_fields():

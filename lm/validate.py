@@ -65,12 +65,15 @@ FIELDS = (
     ("model.attention_impl", str, _one_of(*ATTENTION_IMPLS)),
     ("model.positions", str, _one_of("rope", "learned")),
     ("model.norm", str, _one_of("pre", "post")),
+    ("model.norm_type", str, _one_of("layernorm", "rmsnorm")),
     ("model.mlp", str, _one_of("gelu", "swiglu")),
     ("model.use_bias", bool, _ANY),
+    ("model.qkv_bias", bool, _ANY),
     ("model.tie_embeddings", bool, _ANY),
     ("model.max_seq_len", int, POS),
     ("model.ln_eps", float, _positive()),
     ("model.rope_theta", float, _positive()),
+    ("model.rope_scaling", str, _ANY),  # its form: ModelConfig (lm.model.parse_rope_scaling)
     ("model.dtype", str, _one_of(*DTYPES)),
     ("model.num_classes", int, NONNEG),
     ("data.path", str, _ANY),
@@ -116,7 +119,8 @@ FIELDS = (
 )
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
 OPTIONAL = {"sample.stop_token", "classify.min_chars", "classify.balanced",
-            "classify.genres"}
+            "classify.genres",
+            "model.norm_type", "model.qkv_bias", "model.rope_scaling"}  # absent before issue 16
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 

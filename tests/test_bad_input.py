@@ -118,6 +118,8 @@ CASES = [
     ("positions", ["--config.model.positions=alibi"], "model.positions"),
     ("norm", ["--config.model.norm=mid"], "model.norm"),
     ("mlp", ["--config.model.mlp=relu"], "model.mlp"),
+    ("norm_type", ["--config.model.norm_type=batchnorm"], "model.norm_type='batchnorm'"),
+    ("rope_scaling", ["--config.model.rope_scaling=yarn:factor=4"], "model.rope_scaling='yarn"),
     ("tokenizer", ["--config.data.tokenizer=words"], "data.tokenizer='words'"),
     ("dropout_one", ["--config.model.dropout=1.0"], "model.dropout=1.0"),
     ("val_fraction_zero", ["--config.data.val_fraction=0"], "data.val_fraction"),

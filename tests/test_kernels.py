@@ -122,6 +122,11 @@ FLASH_CASES = [
     (8, 1, 21, 21, 2, 1, 256, True, None, (16, 16)),
     (9, 1, 17, 23, 1, 1, 256, False, "pair", None),
     (10, 2, 9, 9, 2, 2, 32, True, "self", None),        # shorter than one block
+    # head dims that are not powers of two (tiles padded along head_dim; refused before)
+    (11, 1, 19, 23, 2, 1, 40, True, None, None),
+    (12, 1, 21, 21, 2, 2, 80, False, "self", (16, 16)),
+    (13, 1, 17, 17, 2, 1, 96, True, None, None),
+    (14, 1, 13, 19, 1, 1, 160, True, "pair", (16, 16)),
 ]
 
 
@@ -161,6 +166,11 @@ FUSED_CASES = [
     (21, 1, 20, 45, 2, 1, 64, True, None),
     (22, 1, 45, 20, 2, 2, 128, True, None),
     (23, 2, 24, 30, 2, 1, 256, False, "pair"),
+    # head dims that are not powers of two (refused before)
+    (24, 1, 11, 13, 2, 1, 40, True, None),
+    (25, 1, 12, 12, 2, 2, 80, True, "self"),
+    (26, 1, 9, 14, 2, 1, 96, False, None),
+    (27, 1, 10, 10, 1, 1, 160, True, None),
 ]
 
 
@@ -289,8 +299,9 @@ def test_jit_grad_remat_vmap(fn):
 def test_bad_arguments_raise_value_error(fn):
     q = jnp.zeros((1, 8, 2, 32))
     k = jnp.zeros((1, 8, 1, 32))
-    with pytest.raises(ValueError, match="head_dim 48"):
-        fn(jnp.zeros((1, 8, 2, 48)), jnp.zeros((1, 8, 1, 48)), jnp.zeros((1, 8, 1, 48)))
+    for d in (44, 264):  # not a multiple of 8; above 256
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported"):
+            fn(jnp.zeros((1, 8, 2, d)), jnp.zeros((1, 8, 1, d)), jnp.zeros((1, 8, 1, d)))
     with pytest.raises(ValueError, match="dtype"):
         fn(q.astype(jnp.int32), k.astype(jnp.int32), k.astype(jnp.int32))
     with pytest.raises(ValueError, match="share one dtype"):
@@ -325,6 +336,34 @@ def test_bridge_poisons_outputs():
                               grid=(1,), interpret=True, BLOCK=8)
     o = np.asarray(o)
     assert np.array_equal(o[:4], np.arange(4)) and np.isnan(o[4:]).all()
+
+
+@triton.jit
+def scalar_probe(X, s, n, O, BLOCK: tl.constexpr):
+    """Checks the types of its scalar arguments: at compile time on the GPU path
+    (tests/test_gpu_lowering.py), at run time in the interpreter."""
+    tl.static_assert(s.dtype == tl.float32)
+    tl.static_assert(n.dtype == tl.int32)
+    offs = tl.arange(0, BLOCK)
+    tl.store(O + offs, tl.load(X + offs) * s + n)
+
+
+def test_python_float_scalar_is_fp32_in_the_interpreter():
+    """A Python float / int reaching the bridge is an fp32 / int32 kernel argument,
+    as on the GPU path (before, the interpreter kept a Python float, which has no
+    dtype: the static_assert failed on the old bridge)."""
+    x = jnp.arange(16, dtype=jnp.float32)
+    (o,) = bridge.triton_call(scalar_probe, x, 0.1, 3,
+                              out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), grid=(1,),
+                              interpret=True, BLOCK=16)
+    want = np.arange(16, dtype=np.float32) * np.float32(0.1) + np.float32(3)
+    assert np.array_equal(np.asarray(o), want)
+    assert bridge.typed_scalar(0.1).dtype == np.float32
+    assert bridge.typed_scalar(7).dtype == np.int32
+    with pytest.raises(ValueError, match="int32"):
+        bridge.typed_scalar(2**31)
+    with pytest.raises(TypeError, match="float64"):
+        bridge.typed_scalar(np.float64(0.5))
 
 
 def test_interpreter_leaves_triton_language_untouched():

@@ -46,3 +46,48 @@ def test_tensorboard_reads_the_logged_scalars_at_their_steps(tmp_path):
     expected = {r["step"]: r[tag] for r in records if tag in r}
     for e in events:  # stored as float32 by the summary proto
       assert math.isclose(e.value, expected[e.step], rel_tol=1e-6, abs_tol=1e-12), (tag, e)
+
+
+_FAKE_TORCH_RUN = r"""
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+import kernels
+from kernels import bridge
+q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 2, 32), np.float32))
+lowered = None
+try:
+  import jax_triton  # noqa: F401  (the test extra; lowering needs it)
+except ImportError:
+  pass
+else:  # first, in a fresh process: jax-triton's CUDA lowering calls the specializer
+  with bridge.lower_for_gpu(90):
+    lowered = jax.jit(lambda q: kernels.flash_attention(q, q, q)).trace(q).lower(
+        lowering_platforms=("cuda",)).as_text()
+after_lowering = "torch" in sys.modules
+out = kernels.flash_attention(q, q, q, causal=True)  # the interpreter's launches call it too
+assert float(jnp.abs(out - kernels.reference_attention(q, q, q, causal=True)).max()) < 1e-5
+print(after_lowering or "torch" in sys.modules,
+      lowered is not None and "triton_kernel_call" in lowered)
+"""
+
+
+def test_triton_does_not_import_an_installed_torch(tmp_path):
+  """Where torch is installed, Triton 3.6's argument specializer imports it on its first call
+  (to recognise torch tensors): the interpreter's launches and jax-triton's lowering both call
+  it. kernels/bridge.py runs that first call with `import torch` refused. A stand-in `torch`
+  package on sys.path plays the installed one; without the guard it ends up in sys.modules
+  (checked by removing the guard: this test then fails)."""
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text("Tensor = type('Tensor', (), {})\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]),
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _FAKE_TORCH_RUN], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  torch_loaded, lowered = proc.stdout.split()[-2:]
+  assert torch_loaded == "False"
+  try:
+    import jax_triton  # noqa: F401
+  except ImportError:
+    return
+  assert lowered == "True"

@@ -161,14 +161,15 @@ def test_lr_schedule_starts_above_zero_peaks_after_warmup_and_ends_at_min(warmup
 def model_families():
   """Every model configuration the project has, shrunk to tiny widths: the experiment configs
   (base.py: rope/SwiGLU/tied; gpt2_small.py: learned positions, GELU, biases; the classifier),
-  and the variants: untied head, GQA, post-LN."""
+  and the variants: untied head, GQA, post-LN, Llama (RMSNorm) with Qwen2's q/k/v biases."""
   import importlib
   from lm.model import ModelConfig
   families = {}
   for name, extra in (("base", {}), ("gpt2_small", {}), ("finetune_classify", {"num_classes": 3}),
                       ("base", {"tie_embeddings": False, "use_bias": True}),
                       ("gpt2_small", {"num_kv_heads": 2, "tie_embeddings": False}),
-                      ("base", {"norm": "post", "num_kv_heads": 1})):
+                      ("base", {"norm": "post", "num_kv_heads": 1}),
+                      ("llama_small", {"qkv_bias": True})):  # RMSNorm, GQA, q/k/v biases
     model = dict(importlib.import_module(f"experiments.{name}").get_config().model)
     model.update(num_layers=2, num_heads=4, d_model=16, d_ff=24, max_seq_len=8, **extra)
     families[f"{name}{extra}"] = ModelConfig.from_config(model, vocab_size=11)
