@@ -351,8 +351,10 @@ class Loop:
       last = step == tc.num_steps
       is_log = step % tc.log_every == 0 or last
       is_eval = step % tc.eval_every == 0 or last
-      # A SIGTERM saves here, once, even when it arrives on a checkpoint step.
-      is_save = step % tc.checkpoint_every == 0 or last or stop.requested
+      # A SIGTERM saves here, once, even when it arrives on a checkpoint step. Read once: a
+      # signal arriving between two reads would stop the run unsaved.
+      stopping = stop.requested
+      is_save = step % tc.checkpoint_every == 0 or last or stopping
       if is_log or is_eval or is_save:
         self.guard.check(self.ckpt.latest_step())  # the loop syncs here anyway
       if is_log:
@@ -362,7 +364,7 @@ class Loop:
       if is_save:
         self.ckpt.save(step, state, {**self.meta, "step": step})
         self.t_log = time.time()
-      if stop.requested:
+      if stopping:
         logging.warning("SIGTERM: checkpoint saved at step %d, stopping", step)
         break
     return state, step

@@ -88,7 +88,7 @@ def test_head_sizes_the_kernels_cannot_run_are_refused_when_the_config_is_read(m
   """Kernels take any multiple of 8 up to 256.  Before, head_dim 80 was refused by the kernels
   only at the first step (and `auto` picked triton on a GPU whatever the head size)."""
   from experiments import base
-  from lm import train
+  from lm import validate
   from lm.errors import UsageError
   for impl in ("triton", "triton_softmax"):
     small(d_model=4 * 80, attention_impl=impl)  # 80, 96, 40: fine now
@@ -101,9 +101,9 @@ def test_head_sizes_the_kernels_cannot_run_are_refused_when_the_config_is_read(m
   config.model.d_model, config.model.num_heads = 176, 4  # head_dim 44
   config.model.attention_impl = "triton"
   with pytest.raises(UsageError, match="head_dim 44"):
-    train.model_config(config, 50)
+    validate.model_config(config, 50)
   config.model.attention_impl = "auto"
-  train.model_config(config, 50)  # auto never refuses: it picks what can run
+  validate.model_config(config, 50)  # auto never refuses: it picks what can run
   # auto on a GPU: triton only where the kernels take the head size
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert attention.resolve_impl("auto", 80) == "triton"
