@@ -28,7 +28,6 @@ from absl import logging
 from flax import nnx
 
 from lm import checkpoint as ckpt_lib
-from lm import sharding
 from lm import tokenizers
 from lm import train as train_lib
 from lm import validate
