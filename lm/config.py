@@ -79,6 +79,7 @@ def _train() -> ml_collections.ConfigDict:
   train.weight_decay = 0.1
   train.beta1 = 0.9
   train.beta2 = 0.99
+  train.adam_eps = 1e-8  # AdamW's epsilon (optax `eps`), added to sqrt(v)
   train.grad_clip = 1.0
   train.log_every = 100
   train.eval_every = 500

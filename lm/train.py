@@ -76,7 +76,7 @@ def make_optimizer(train_cfg):
       lambda path, _: decays_weight(path), params)
   tx = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2,
+      optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.adam_eps,
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
   return tx, schedule
 

@@ -94,6 +94,7 @@ FIELDS = (
     ("train.weight_decay", float, _at_least(0)),
     ("train.beta1", float, _in(0, 1)),
     ("train.beta2", float, _in(0, 1)),
+    ("train.adam_eps", float, _positive()),
     ("train.grad_clip", float, _positive()),
     ("train.log_every", int, POS),
     ("train.eval_every", int, POS),

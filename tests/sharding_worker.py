@@ -54,6 +54,11 @@ def config(impl: str, steps: int, rules=sharding.DEFAULT_RULES):
   c.train.num_steps = steps
   c.train.warmup_steps = 1
   c.train.learning_rate = 1e-2  # large steps, so that a wrong gradient shows
+  # Adam moves a parameter whose gradient is far below eps by lr * g / eps: with the default
+  # 1e-8 that multiplies float32 reduction-order noise (~1e-10 between meshes) into 5% of an
+  # update, from the first step on (it has lr > 0 since the issue-11 schedule). With 1e-3 the
+  # comparison measures the sharding, not the noise; a wrong gradient still shows (lr / eps = 10).
+  c.train.adam_eps = 1e-3
   c.mesh.rules = rules
   return c
 
