@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -162,10 +163,14 @@ class NonFiniteGuard:
   def check(self, latest_checkpoint: int | None) -> None:
     first = int(self.first)
     if first >= 0:
-      kept = (f"the latest checkpoint is step {latest_checkpoint}; resume from it"
-              if latest_checkpoint is not None else "no checkpoint was saved")
-      raise UsageError(f"non-finite loss or gradient norm at step {first}: training stopped "
-                       f"without saving it ({kept}, e.g. with a lower train.learning_rate)")
+      self.fail(f"non-finite loss or gradient norm at step {first}", latest_checkpoint)
+
+  @staticmethod
+  def fail(what: str, latest_checkpoint: int | None) -> None:
+    kept = (f"the latest checkpoint is step {latest_checkpoint}; resume from it"
+            if latest_checkpoint is not None else "no checkpoint was saved")
+    raise UsageError(f"{what}: training stopped without saving it ({kept}, e.g. with a "
+                     f"lower train.learning_rate)")
 
 
 # --- what a checkpoint fixes -----------------------------------------------------------------
@@ -331,6 +336,7 @@ class Loop:
     self.job, self.ckpt = job, ckpt
     run, config = job.run, job.config
     self.train_step = train_lib.make_train_step(run, job.task.loss)
+    self.loss_check = train_lib.make_loss_check(run, job.task.loss)
     self.writer, self.guard = MetricsWriter(job.workdir), NonFiniteGuard()
     self.meta = {"config": config.to_dict(), "tokenizer": job.tokenizer.to_json(),
                  "seed": config.seed, **job.task.meta(job.data)}
@@ -361,6 +367,11 @@ class Loop:
       if is_eval:
         self.evaluate(step, state)
       if is_save:
+        # One forward pass of what is about to be saved: parameters that every forward pass
+        # turns into NaN are never saved, even when they are finite themselves.
+        if not jnp.isfinite(self.loss_check(state, batch)):
+          self.guard.fail(f"the parameters after step {step} give a non-finite loss",
+                          self.ckpt.latest_step())
         self.ckpt.save(step, state, {**self.meta, "step": step})
         self.t_log = time.time()
       if stopping:
@@ -401,6 +412,10 @@ def evaluate(config, workdir: str, task: Task, data_path: str | None = None) -> 
   with jax.set_mesh(run.mesh):
     result = {"mode": "eval", "task": task.name, **({"data": data_path} if data_path else {}),
               **task.evaluate(run, state, data, None)}
+  bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+  if bad:  # never print NaN as a result (nor write it: json.dumps would write invalid JSON)
+    raise UsageError(f"the checkpoint at step {step} of {workdir} gives non-finite "
+                     f"{', '.join(bad)}: its parameters are unusable")
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
     with MetricsWriter(workdir) as writer:

@@ -135,6 +135,19 @@ def init_state(run: Run, seed: int) -> nnx.State:
     return init()
 
 
+def make_loss_check(run: Run, loss_fn):
+  """jit(check)(state, batch) -> the loss of `state` on the first micro-batch of `batch`, no
+  dropout: whether a state is fit to save. A finite loss and gradient norm at step k do not
+  make the parameters of step k's update usable: a huge learning rate moves them to ~1e30,
+  finite, yet every forward pass of them overflows."""
+
+  def check(state, batch):
+    model, _ = nnx.merge(run.graphdef, state)
+    return loss_fn(model, jax.tree.map(lambda x: x[0], batch), None)[0]
+
+  return jax.jit(check, in_shardings=(run.shardings, None))
+
+
 def make_train_step(run: Run, loss_fn):
   """jit(step)(state, batch, step) -> (state, metrics) for a task's loss.
 

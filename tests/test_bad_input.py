@@ -12,6 +12,7 @@ and so did the five tests after the table.
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -198,6 +199,27 @@ def test_non_finite_loss_by_construction_stops_without_saving(tmp_path, capfd):
   assert "no checkpoint was saved" in errors[0]
   assert not os.listdir(workdir / "checkpoints")
   assert not (workdir / "metrics.jsonl").exists()
+
+
+def test_parameters_that_overflow_every_forward_pass_are_never_saved(tmp_path, capfd):
+  """lr 1e30 with clipping off: the first update moves the parameters to ~1e30, finite, and the
+  loss and gradient norm of that step are finite too, so only a forward pass of the new
+  parameters shows that they are unusable. With a checkpoint every step the old code saved
+  them (then eval printed NaN with exit 0); now the run stops before saving, and every
+  checkpoint left behind evaluates to a finite loss."""
+  workdir = tmp_path / "overflow"
+  code = run_main(*TINY, f"--workdir={workdir}", "--config.train.learning_rate=1e30",
+                  "--config.train.grad_clip=1e30", "--config.train.warmup_steps=0",
+                  "--config.train.checkpoint_every=1", "--config.train.log_every=100",
+                  "--config.train.eval_every=100")
+  err = capfd.readouterr().err
+  errors = [l for l in err.splitlines() if l.startswith("error:")]
+  assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+  assert "non-finite loss" in errors[0] and "without saving" in errors[0], errors[0]
+  if os.listdir(workdir / "checkpoints"):  # the latest one left behind is usable
+    assert run_main(*TINY, f"--workdir={workdir}", "--mode=eval") == 0
+    result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert math.isfinite(result["val_loss"]), result
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "metrics"])
