@@ -131,7 +131,7 @@ def schedule_cfg(**kw):
   from ml_collections import ConfigDict
   return ConfigDict({"learning_rate": 3e-3, "min_lr_ratio": 0.1, "warmup_steps": 10,
                      "num_steps": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
-                     "grad_clip": 1.0, **kw})
+                     "adam_eps": 1e-8, "grad_clip": 1.0, **kw})
 
 
 @pytest.mark.parametrize("warmup,num_steps", [(10, 100), (1, 7), (0, 50)])
