@@ -2,11 +2,11 @@
 
 Command:
   python experiments/run.py --config=experiments/base.py --workdir=runs/base
-Expected on a 2-core CPU (measured 2026-11-23, BUILD_NOTES.md): 1 min 50 s wall time, start
-to end (about 80 ms and 9,500 tokens/s per step of 12 x 64 characters); validation loss 1.765
-nats/char at step 1100 (20 eval batches), 1.749 over the whole validation split
-(`--mode=eval`), then two samples that look like a play script. With the nanoGPT warmup start
-(issue 11, rerun 2026-11-29): 1.760 and 1.747.
+Expected on the idle 2-core CPU (measured 2026-11-29, BUILD_NOTES.md): 69 s wall time, start
+to end (about 50 ms and 15,000 tokens/s per step of 12 x 64 characters); validation loss
+1.758 nats/char at step 1100 (20 eval batches), 1.743 over the whole validation split
+(`--mode=eval`), then two samples that read like a play script for their first ~60-100
+characters (the model saw 64-character windows; past that they drift, issue 18).
 Override any field on the command line, e.g. `--config.train.num_steps=200`;
 `--config=experiments/base.py:smoke` is a 30-step run for checking the plumbing.
 The values themselves are lm/config.py's `base_config` (the one place for defaults; an
