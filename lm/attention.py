@@ -35,11 +35,16 @@ def check_impl(impl: str, head_dim: int) -> None:
   before any work, not at its first step."""
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not one of {IMPLS}")
+  if impl == "cudnn":
+    from kernels.bridge import on_gpu
+    if not on_gpu():
+      raise ValueError("attention_impl='cudnn' needs a CUDA GPU (this machine has none); use "
+                       "'xla' or 'auto'")
   if impl in ("triton", "triton_softmax"):
     problem = _kernel_head_dim_problem(head_dim)
     if problem:
-      raise ValueError(f"attention_impl={impl!r}: {problem}; use attention_impl='xla', "
-                       f"'cudnn' or 'auto'")
+      raise ValueError(f"attention_impl={impl!r}: {problem}; use attention_impl='xla' or "
+                       f"'auto' (or 'cudnn' on a GPU)")
 
 
 def resolve_impl(impl: str, head_dim: int | None = None) -> str:

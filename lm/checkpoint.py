@@ -49,7 +49,12 @@ class Checkpointer:
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # a damaged or foreign step directory: Orbax/tensorstore errors
+      raise self._unreadable(step, e) from None
+    if not isinstance(out.meta, dict) or "config" not in out.meta:
+      raise self._unreadable(step, ValueError("its meta record is not one of ours"))
     return out.meta
 
   def restore(self, abstract_state: nnx.State, step: int | None = None) -> nnx.State:
@@ -58,11 +63,20 @@ class Checkpointer:
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         nnx.to_pure_dict(abstract_state))
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except Exception as e:
+      raise self._unreadable(step, e) from None
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill
     nnx.replace_by_pure_dict(state, out.state)
     return state
+
+  def _unreadable(self, step: int, error: Exception) -> UsageError:
+    lines = str(error).strip().splitlines()
+    detail = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    return UsageError(f"checkpoint {self.directory}/{step} cannot be read ({detail}); move that "
+                      f"step's directory away to resume from an earlier one")
 
   def close(self) -> None:
     self.manager.wait_until_finished()

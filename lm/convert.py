@@ -57,8 +57,18 @@ def read_hf_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
     raise UsageError(f"no config.json in {hf_dir}")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise UsageError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise UsageError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+  for key, value in hf.items():  # sizes and counts must be integers ("32" is not 32)
+    if key.endswith(("_size", "_layers", "_heads", "_positions", "n_embd", "n_layer", "n_head",
+                     "n_ctx", "n_inner")) and not (value is None or type(value) is int):
+      raise UsageError(f"{path}: {key}={value!r} is not an integer")
+  return hf
 
 
 def model_type_of(hf: dict) -> str:

@@ -90,6 +90,9 @@ def _read_text(path: str) -> str:
   them means the file is not UTF-8 at all, and it is refused."""
   with open(path, "rb") as f:
     raw = f.read()
+  if b"\x00" in raw:  # UTF-16/32 text or a binary file: real UTF-8 text has no NUL bytes
+    raise UsageError(f"{path}: contains NUL bytes (byte offset {raw.index(0)}): not UTF-8 text "
+                     f"(UTF-16? a binary file?); convert it to UTF-8")
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:

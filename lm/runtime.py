@@ -313,10 +313,12 @@ def train(config, workdir: str, task: Task) -> dict:
   t_start = time.time()
   job = prepare(config, workdir, task)
   config, tc = job.config, job.config.train
+  # The state first (restore or init), so that an unreadable checkpoint or a failing init_from
+  # leaves the workdir as it was; then the workdir is written.
+  state = start_state(job, job.ckpt)
   workdir_lib.commit(workdir, config, job.tokenizer, job.saved, job.latest or 0)  # valid: write
   ckpt = job.ckpt or ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                            keep=tc.keep_checkpoints)
-  state = start_state(job, ckpt)
   logging.info("model: %s parameters, %d devices, mesh %s",
                f"{num_params(nnx.merge(job.run.graphdef, state)[0]):,}", jax.device_count(),
                dict(job.run.mesh.shape))

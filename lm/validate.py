@@ -55,7 +55,7 @@ POS, NONNEG = _at_least(1), _at_least(0)
 
 # (path, type, (test, allowed)); int accepts no bool, float accepts int.
 FIELDS = (
-    ("seed", int, NONNEG),
+    ("seed", int, ((lambda v: 0 <= v < 2**31), "in [0, 2**31)")),
     ("model.num_layers", int, POS),
     ("model.num_heads", int, POS),
     ("model.num_kv_heads", int, NONNEG),
@@ -188,6 +188,12 @@ def check_config(config, mode: str = "train") -> None:
   if tc.batch_size % tc.grad_accum:
     raise UsageError(f"train.batch_size={tc.batch_size}: expected a multiple of "
                      f"train.grad_accum={tc.grad_accum} (the micro-batches are equal)")
+  if mode == "sample" and config.sample.num_samples < 1:
+    raise UsageError(f"sample.num_samples={config.sample.num_samples}: expected an integer >= 1 "
+                     f"(--num_samples) to sample")
+  if mode == "sample" and tc.task != "lm":
+    raise UsageError(f"train.task={tc.task!r}: --mode=sample needs a language model (task lm); "
+                     f"a {tc.task} model has no text to generate")
   if mode == "train" and not tc.init_from:
     model_config(config, vocab_size=1)
 

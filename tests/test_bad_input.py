@@ -86,6 +86,12 @@ def _empty_workdir_for_eval(tmp):
   return [f"--workdir={tmp / 'nothing'}", "--mode=eval"], "holds no checkpoints"
 
 
+def _utf16_data(tmp):
+  path = tmp / "utf16.txt"
+  path.write_bytes(("To be, or not to be, that is the question.\n" * 200).encode("utf-16"))
+  return [f"--config.data.path={path}"], "contains NUL bytes"
+
+
 def _enospc(path=None):
   return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
@@ -153,6 +159,13 @@ CASES = [
     ("eval_without_checkpoints", _empty_workdir_for_eval, None),
     ("classify_min_chars", [CLASSIFY, "--config.classify.min_chars=-1"], "classify.min_chars=-1"),
     ("classify_eval_of_an_lm", [CLASSIFY, "--mode=eval"], "has no classification head"),
+    # Found by a new-user review (2026-11-29): each was a traceback, or a wrong result.
+    ("cudnn_without_gpu", ["--config.model.attention_impl=cudnn"], "needs a CUDA GPU"),
+    ("huge_seed", ["--config.seed=18446744073709551616"], "seed=18446744073709551616"),
+    ("sample_zero_samples", ["--mode=sample", "--num_samples=0"], "sample.num_samples=0"),
+    ("sample_a_classifier", [CLASSIFY, "--mode=sample", "--num_samples=1"],
+     "needs a language model"),
+    ("utf16_text", _utf16_data, None),
     ("read_only_resume", ["--config.train.num_steps=6", "read_only"], "Read-only file system"),
     ("read_only_eval", ["--mode=eval", "read_only"], "Read-only file system"),
 ]
@@ -199,6 +212,34 @@ def test_non_finite_loss_by_construction_stops_without_saving(tmp_path, capfd):
   assert "no checkpoint was saved" in errors[0]
   assert not os.listdir(workdir / "checkpoints")
   assert not (workdir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_state", "foreign_step_directory"])
+def test_a_damaged_checkpoint_is_one_line(damage, finished, tmp_path, capfd):
+  """Truncated array files in the latest step, or a stray directory under checkpoints/ that
+  Orbax takes for a step: eval and resume end in one line naming the checkpoint (before: a
+  149-line tensorstore traceback, or KeyError 'meta')."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished, workdir)
+  if damage == "truncated_state":
+    step = workdir / "checkpoints" / "4"
+    for root, _, files in os.walk(step / "state"):
+      for name in files:
+        if "ocdbt" in root or name.startswith("ocdbt") or name.endswith(".data"):
+          open(os.path.join(root, name), "wb").close()
+    expected = "checkpoint " + str(step)
+  else:
+    (workdir / "checkpoints" / "9").mkdir()
+    (workdir / "checkpoints" / "9" / "notes.txt").write_text("not a checkpoint")
+    expected = "checkpoint " + str(workdir / "checkpoints" / "9")
+  before = digest(workdir)
+  for mode in ("--mode=eval", "--mode=train"):
+    code = run_main(*TINY, f"--workdir={workdir}", mode, "--config.train.num_steps=6")
+    err = capfd.readouterr().err
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert expected in errors[0] and "cannot be read" in errors[0], errors[0]
+  assert digest(workdir) == before
 
 
 def test_parameters_that_overflow_every_forward_pass_are_never_saved(tmp_path, capfd):

@@ -223,6 +223,14 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
   with pytest.raises(UsageError, match="model_type='gemma'"):
     write_llama(hf, kind="gemma")
     convert.from_hf(hf)
+  # A config.json that is not JSON, or whose sizes are strings (before: JSONDecodeError and
+  # TypeError tracebacks, found by a new-user review).
+  write_llama(hf)
+  _edit_config(hf, hidden_size="32")
+  assert "hidden_size='32' is not an integer" in _cli_error(capsys, hf, str(tmp_path / "w"))
+  with open(os.path.join(hf, "config.json"), "w") as f:
+    f.write("{bad")
+  assert "config.json: not valid JSON" in _cli_error(capsys, hf, str(tmp_path / "w"))
 
 
 @pytest.mark.slow
