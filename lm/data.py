@@ -286,6 +286,10 @@ def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Corp
       if data_cfg.tokenizer in ("char", "bpe"):
         raise UsageError("a token file needs data.tokenizer=byte or a tokenizer.json path")
       tokenizer = make_tokenizer(data_cfg, [])
+    elif tokenizer.kind == "char":  # eval of a char run on a token file: ids mean other things
+      raise UsageError(f"{data_cfg.path}: a token file cannot be read with this run's character "
+                       f"tokenizer (its ids 256+ are the characters of one run's training "
+                       f"text); use a run trained with data.tokenizer=byte or a tokenizer.json")
     corpus = _load_token_file(data_cfg, tokenizer)
   else:
     docs = documents(data_cfg)

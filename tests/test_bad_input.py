@@ -92,6 +92,13 @@ def _utf16_data(tmp):
   return [f"--config.data.path={path}"], "contains NUL bytes"
 
 
+def _token_file_for_a_char_run(tmp):
+  import numpy as np
+  path = tmp / "bytes.npy"
+  np.save(path, np.frombuffer(b"To be, or not to be. " * 300, np.uint8).astype(np.uint16))
+  return ["--mode=eval", f"--data_path={path}"], "character tokenizer"
+
+
 def _enospc(path=None):
   return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
@@ -166,6 +173,7 @@ CASES = [
     ("sample_a_classifier", [CLASSIFY, "--mode=sample", "--num_samples=1"],
      "needs a language model"),
     ("utf16_text", _utf16_data, None),
+    ("eval_token_file_with_char_run", _token_file_for_a_char_run, None),
     ("read_only_resume", ["--config.train.num_steps=6", "read_only"], "Read-only file system"),
     ("read_only_eval", ["--mode=eval", "read_only"], "Read-only file system"),
 ]
