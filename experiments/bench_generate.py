@@ -27,6 +27,13 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  from lm import cli
+  cli.quiet_library_logs()
+  with cli.one_line_errors():
+    _bench()
+
+
+def _bench():
   import jax
   import numpy as np
   from flax import nnx
@@ -40,10 +47,19 @@ def main(argv):
   else:
     run = train.make_run(config, 256 + 80)  # the char vocabulary of the plays is 256 + ~80
     model = nnx.merge(run.graphdef, train.init_state(run, 0))[0]
+  from lm.errors import UsageError
+  if min(FLAGS.prompt_len, FLAGS.max_new_tokens, FLAGS.repeats) < 1:
+    raise UsageError("--prompt_len, --max_new_tokens and --repeats must be >= 1")
   rng = np.random.default_rng(0)
   prompt = rng.integers(0, model.cfg.vocab_size, FLAGS.prompt_len)
   results = []
-  for b in [int(x) for x in FLAGS.batch_sizes]:
+  try:
+    batch_sizes = [int(x) for x in FLAGS.batch_sizes]
+  except ValueError:
+    raise UsageError(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected integers") from None
+  if min(batch_sizes) < 1:
+    raise UsageError(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected sizes >= 1")
+  for b in batch_sizes:
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
               top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     t = time.perf_counter()

@@ -20,8 +20,9 @@ from absl import app, flags
 from kernels.bridge import on_gpu
 from ml_collections import config_flags
 
-from lm import tasks
+from lm import cli, tasks, validate
 from lm import train as train_lib
+from lm.errors import UsageError
 from lm.model import flops_per_token
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/base.py", lock_config=True)
@@ -33,7 +34,16 @@ _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "per-device peak for MFU (GPU o
 
 
 def main(_):
-  config = _CONFIG.value
+  cli.quiet_library_logs()
+  with cli.one_line_errors():
+    _bench(_CONFIG.value)
+
+
+def _bench(config):
+  validate.check_config(config, "train")
+  if _STEPS.value < 1 or _WARMUP.value < 0 or _VOCAB.value < 0:
+    raise UsageError(f"--steps={_STEPS.value}, --warmup={_WARMUP.value}, --vocab_size="
+                     f"{_VOCAB.value}: expected steps >= 1, warmup >= 0, vocab_size >= 0")
   tc = config.train
   vocab = _VOCAB.value or (339 if config.data.tokenizer == "char" else 50304)
   run = train_lib.make_run(config, vocab)

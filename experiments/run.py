@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lm.cli import fail, one_line_errors, quiet_library_logs
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).",
                                 lock_config=True)
@@ -37,11 +39,6 @@ flags.DEFINE_integer("stop_token", None, "sample: end a sequence at this token i
 flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index.")
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def parse_flags(argv):
@@ -104,19 +101,6 @@ def init_distributed() -> None:
     jax.distributed.initialize()  # jax detects the cluster's coordinator and process ids
 
 
-def quiet_library_logs() -> None:
-  """Libraries (Orbax on every save, JAX at start-up) log at INFO through absl too: keep their
-  warnings, and INFO from this project only."""
-  import importlib.util
-  import logging as py_logging
-  # The project's own files, wherever the packages are installed (site-packages or a checkout).
-  roots = tuple(d for name in ("lm", "kernels")
-                for d in importlib.util.find_spec(name).submodule_search_locations)
-  roots += (os.path.dirname(os.path.abspath(__file__)),)
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or r.pathname.startswith(roots))
-
-
 def main(argv):
   quiet_library_logs()
   if len(argv) > 1:
@@ -127,8 +111,7 @@ def main(argv):
     fail("--workdir is required, e.g. --workdir=runs/base")
   from lm import validate
   from lm import workdir as workdir_lib
-  from lm.errors import UsageError
-  try:
+  with one_line_errors():
     config = with_sample_flags(FLAGS.config)
     # Every field, then the workdir, before anything is created or computed.
     validate.check_config(config, FLAGS.mode)
@@ -138,14 +121,6 @@ def main(argv):
     if jax.process_index() != 0:  # one log per job: other processes report warnings only
       logging.set_verbosity(logging.WARNING)
     run_mode(config)
-  except UsageError as e:
-    fail(str(e))
-  except OSError as e:  # file-system trouble: read-only, disk full, ...
-    logging.debug("OSError", exc_info=True)
-    fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
-  except ValueError as e:  # e.g. a kernel rejecting shapes: a clear message, no traceback
-    logging.debug("ValueError", exc_info=True)
-    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def run_mode(config) -> None:

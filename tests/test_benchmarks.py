@@ -43,3 +43,19 @@ def test_kernel_benchmark_on_cpu_says_no_gpu_and_checks_the_kernels(tmp_path):
   assert "No GPU available" in out and "CPU check passed" in out
   rows = (tmp_path / "cpu_check.csv").read_text().splitlines()
   assert len(rows) > 1 and "max_rel_err" in rows[0]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["experiments/bench_train.py", "--config.data.seq_len=0"], "data.seq_len=0"),
+    (["experiments/bench_train.py", "--steps=0"], "--steps=0"),
+    (["experiments/bench_generate.py", "--workdir=/nonexistent/run"], "/nonexistent/run"),
+    (["experiments/bench_generate.py", "--batch_sizes=0"], "--batch_sizes=0"),
+])
+def test_benchmark_bad_input_is_one_line(args, fragment):
+  """Before: ZeroDivisionError, min() of an empty list, a UsageError traceback, a hang."""
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                        env=env, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("error:") and fragment in lines[0], lines

@@ -1,0 +1,47 @@
+"""What the command-line entry points share (experiments/run.py, the benchmarks, lm.convert):
+bad input ends in one `error:` line on stderr and exit code 2, and other libraries' INFO logs
+stay out of stderr, so stdout carries results and stderr the project's own logs."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging as py_logging
+import os
+import sys
+
+from absl import logging
+
+from lm.errors import UsageError
+
+
+def fail(message: str) -> None:
+  """Prints `error: message` on stderr and exits with code 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def quiet_library_logs() -> None:
+  """Libraries (Orbax on every save, JAX at start-up) log at INFO through absl too: keep their
+  warnings, and INFO from this project only (lm/, kernels/ and the running script's folder)."""
+  roots = tuple(d for name in ("lm", "kernels")
+                for d in importlib.util.find_spec(name).submodule_search_locations)
+  roots += (os.path.dirname(os.path.abspath(sys.argv[0] or ".")),)
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or r.pathname.startswith(roots))
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """UsageError, file-system trouble (OSError) and ValueError (e.g. a kernel refusing shapes)
+  inside become one `error:` line and exit code 2; the traceback goes to the debug log."""
+  try:
+    yield
+  except UsageError as e:
+    fail(str(e))
+  except OSError as e:  # read-only, disk full, ...
+    logging.debug("OSError", exc_info=True)
+    fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+  except ValueError as e:
+    logging.debug("ValueError", exc_info=True)
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
