@@ -29,8 +29,15 @@ def _at_least(lo):
   return (lambda v: v >= lo), f">= {lo}"
 
 
+F32_MAX = 3.4028234663852886e38  # larger floats become inf in the float32 computation
+
+
+def _finite(v) -> bool:
+  return math.isfinite(v) and abs(v) <= F32_MAX
+
+
 def _positive():
-  return (lambda v: math.isfinite(v) and v > 0), "> 0 (finite)"
+  return (lambda v: _finite(v) and v > 0), "> 0 (finite in float32)"
 
 
 def _in(lo, hi, lo_open=False, hi_open=True):
@@ -91,7 +98,7 @@ FIELDS = (
     ("train.learning_rate", float, _positive()),
     ("train.min_lr_ratio", float, _in(0, 1, hi_open=False)),
     ("train.warmup_steps", int, NONNEG),
-    ("train.weight_decay", float, _at_least(0)),
+    ("train.weight_decay", float, ((lambda v: _finite(v) and v >= 0), ">= 0 (finite)")),
     ("train.beta1", float, _in(0, 1)),
     ("train.beta2", float, _in(0, 1)),
     ("train.adam_eps", float, _positive()),
@@ -108,7 +115,8 @@ FIELDS = (
     ("mesh.tensor", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
     ("sample.num_samples", int, NONNEG),
     ("sample.max_new_tokens", int, POS),
-    ("sample.temperature", float, ((lambda v: math.isfinite(v) and v >= 0), ">= 0 (0 is greedy)")),
+    ("sample.temperature", float, ((lambda v: _finite(v) and v >= 0),
+                                   ">= 0 (0 is greedy), finite in float32")),
     ("sample.top_k", int, ((lambda v: v >= 0), ">= 0 (0 keeps every token)")),
     ("sample.top_p", float, _in(0, 1, lo_open=True, hi_open=False)),
     ("sample.prompt", str, _ANY),

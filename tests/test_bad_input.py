@@ -169,6 +169,9 @@ CASES = [
     # Found by a new-user review (2026-11-29): each was a traceback, or a wrong result.
     ("cudnn_without_gpu", ["--config.model.attention_impl=cudnn"], "needs a CUDA GPU"),
     ("huge_seed", ["--config.seed=18446744073709551616"], "seed=18446744073709551616"),
+    ("infinite_weight_decay", ["--config.train.weight_decay=inf"], "train.weight_decay=inf"),
+    ("float32_overflow_temperature", ["--mode=sample", "--temperature=1e308"],
+     "sample.temperature=1e+308"),
     ("sample_zero_samples", ["--mode=sample", "--num_samples=0"], "sample.num_samples=0"),
     ("sample_a_classifier", [CLASSIFY, "--mode=sample", "--num_samples=1"],
      "needs a language model"),
