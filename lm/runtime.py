@@ -198,7 +198,9 @@ def with_checkpoint_fields(config, saved_model: dict, source: str, keep=()):
   config = copy.deepcopy(config)
   with config.unlocked():
     for field in checkpoint_fields():
-      if field not in keep and field in saved_model and saved_model[field] != config.model.get(field):
+      if field in keep or field not in saved_model:
+        continue
+      if saved_model[field] != config.model.get(field):
         logging.info("model.%s=%r from %s", field, saved_model[field], source)
         config.model[field] = saved_model[field]
   return config

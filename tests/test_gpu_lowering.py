@@ -138,33 +138,22 @@ def lowered():
   rec = _Recorder()
   calls = {}
   with pytest.MonkeyPatch.context() as mp, rec.install(mp):
-    for name, dtype, d, causal, seg, h, kvh in FLASH_CASES:
-      q, k, v, segs = _inputs(dtype, d, h, kvh, seg)
-      mp.setenv("KERNELS_AUTOTUNE", "0" if name in FIXED_CONFIG_CASES else "1")
+    for family, attention, cases in (("flash", kernels.flash_attention, FLASH_CASES),
+                                     ("fused", kernels.fused_softmax_attention, FUSED_CASES)):
+      for name, dtype, d, causal, seg, h, kvh in cases:
+        q, k, v, segs = _inputs(dtype, d, h, kvh, seg)
+        mp.setenv("KERNELS_AUTOTUNE", "0" if name in FIXED_CONFIG_CASES else "1")  # flash only
 
-      def fwd(q, k, v, segs=segs, causal=causal):
-        return kernels.flash_attention(q, k, v, causal=causal, segment_ids=segs)
+        def fwd(q, k, v, segs=segs, causal=causal, attention=attention):
+          return attention(q, k, v, causal=causal, segment_ids=segs)
 
-      def loss(q, k, v, fwd=fwd):
-        return jnp.sum(fwd(q, k, v).astype(jnp.float32) ** 2)
+        def loss(q, k, v, fwd=fwd):
+          return jnp.sum(fwd(q, k, v).astype(jnp.float32) ** 2)
 
-      for kind, f in (("fwd", fwd), ("grad", jax.grad(loss, argnums=(0, 1, 2)))):
-        start = len(rec.called)
-        text = _lower_cuda(f, q, k, v)
-        calls[("flash", name, kind)] = (text.count(_CUSTOM_CALL), rec.called[start:])
-    for name, dtype, d, causal, seg, h, kvh in FUSED_CASES:
-      q, k, v, segs = _inputs(dtype, d, h, kvh, seg)
-
-      def fwd(q, k, v, segs=segs, causal=causal):
-        return kernels.fused_softmax_attention(q, k, v, causal=causal, segment_ids=segs)
-
-      def loss(q, k, v, fwd=fwd):
-        return jnp.sum(fwd(q, k, v).astype(jnp.float32) ** 2)
-
-      for kind, f in (("fwd", fwd), ("grad", jax.grad(loss, argnums=(0, 1, 2)))):
-        start = len(rec.called)
-        text = _lower_cuda(f, q, k, v)
-        calls[("fused", name, kind)] = (text.count(_CUSTOM_CALL), rec.called[start:])
+        for kind, f in (("fwd", fwd), ("grad", jax.grad(loss, argnums=(0, 1, 2)))):
+          start = len(rec.called)
+          text = _lower_cuda(f, q, k, v)
+          calls[(family, name, kind)] = (text.count(_CUSTOM_CALL), rec.called[start:])
   compiled = rec.compiled
   for entry in compiled:  # sequential: make_cubin prints its log to sys.stdout
     entry["registers"], entry["spill_bytes"] = _ptxas(entry)
