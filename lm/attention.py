@@ -62,23 +62,47 @@ def resolve_impl(impl: str, head_dim: int | None = None) -> str:
 
 
 def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=None,
-              rules=sharding.DEFAULT_RULES):
-  """softmax(QK^T/sqrt(d))V by `impl`; `rules` (config.mesh.rules) place the Triton kernels'
-  per-device blocks under a mesh."""
+              window: int = 0, bias=None, rules=sharding.DEFAULT_RULES):
+  """softmax(QK^T/sqrt(d) + bias)V by `impl`, under the masks below.
+
+  q [B, Tq, H, D]; k, v [B, Tk, KVH, D]. Queries are aligned to the end of the keys (query i
+  sits at key position i + Tk - Tq), as when decoding.
+  causal: a query sees keys at or before its position.
+  segment_ids: [B, T] (self-attention) or a pair ([B, Tq], [B, Tk]); a query sees only keys
+    of its own segment id (packed documents; padding as its own id).
+  window: 0 (all) or W > 0: a query sees only the last W keys up to and including its own
+    position (sliding-window attention, Mistral / Gemma); needs causal=True.
+  bias: None or an additive score bias [1 or B, H, Tq, Tk] (T5's relative position bias),
+    added after the 1/sqrt(d) scaling; gradients flow to it.
+  `rules` (config.mesh.rules) place the Triton kernels' per-device blocks under a mesh.
+  Raises ValueError for a window without causal or a negative window.
+  """
+  if window < 0 or (window and not causal):
+    raise ValueError(f"attention window={window}: expected 0 (full) or > 0 with causal=True")
   impl = resolve_impl(impl, q.shape[-1])
   if impl == "xla":
-    return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+    return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                         bias=bias)
   if impl == "cudnn":
     mask = None
     if segment_ids is not None:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    # cuDNN takes GQA natively (k/v with fewer heads).
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                        implementation="cudnn")
+      q_seg, kv_seg = _segment_pair(segment_ids)
+      mask = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]
+    # cuDNN takes GQA natively (k/v with fewer heads); its window counts keys left of the query.
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, is_causal=causal,
+        local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
+  if window or bias is not None:  # kernels/ gains window and bias in issues 15 and 18
+    raise NotImplementedError(f"attention_impl={impl!r} does not take window/bias yet")
   import kernels  # imported lazily: the xla path never needs Triton
   fn = kernels.flash_attention if impl == "triton" else kernels.fused_softmax_attention
   # A custom call cannot partition itself: under a mesh, shard_map it over batch and heads.
   return sharding.shard_heads(fn, q, k, v, rules=rules, causal=causal, segment_ids=segment_ids)
+
+
+def _segment_pair(segment_ids):
+  """(query ids [B, Tq], key ids [B, Tk]) from a [B, T] array or such a pair."""
+  return segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
 
 
 def _scores(q, k, kv_layout="bskd"):
@@ -103,22 +127,32 @@ def _softmax(s, mask):
   return jnp.where(mask, p, 0.0)  # rows with no visible key give zeros
 
 
-def xla_attention(q, k, v, *, causal=True, segment_ids=None):
-  tq, tk = q.shape[1], k.shape[1]
+def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=0, bias=None):
+  """The reference semantics of `attention` in plain JAX (fp32 softmax)."""
+  b, tq, h, _ = q.shape
+  tk = k.shape[1]
+  q_pos = jnp.arange(tq)[:, None] + (tk - tq)  # queries aligned to the end of the keys
+  k_pos = jnp.arange(tk)[None, :]
   mask = jnp.ones((1, 1, 1, tq, tk), bool)
-  if causal:  # queries aligned to the end of the keys (decoding-style when tq < tk)
-    mask &= (jnp.arange(tq)[:, None] + (tk - tq)) >= jnp.arange(tk)[None, :]
+  if causal:
+    mask &= q_pos >= k_pos
+  if window:
+    mask &= q_pos - k_pos < window
   if segment_ids is not None:
-    q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    q_seg, kv_seg = _segment_pair(segment_ids)
     mask &= (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-  p = _softmax(_scores(q, k), mask)
+  s = _scores(q, k)
+  if bias is not None:  # [1|B, H, Tq, Tk] -> the scores' [B, KVH, H/KVH, Tq, Tk]
+    kvh = k.shape[2]
+    s = s + bias.astype(jnp.float32).reshape(bias.shape[0], kvh, h // kvh, tq, tk)
+  p = _softmax(s, mask)
   return _weighted_values(p, v, q.shape, q.dtype)
 
 
 def cached_attention(q, k_cache, v_cache, cache_index, valid):
   """Attention of a chunk of queries written at `cache_index` over the whole KV cache.
 
-  q [B, Tq, H, D]; the caches are head-major [B, KVH, max_len, D] (see model.LayerCache).
+  q [B, Tq, H, D]; the caches are head-major [B, KVH, max_len, D] (see layers.LayerCache).
   valid [B, max_len] (nonzero = a real token) hides left padding; later slots are hidden by
   causality, so stale cache contents are never read.
   """

@@ -1,0 +1,303 @@
+"""The shared pieces every model family is built from (Flax NNX), and their config.
+
+Read top to bottom: ModelConfig (the model's shape and numerics), parameters with logical
+axis names, dense, LayerNorm/RMSNorm, rotary positions, attention with its KV cache, MLP and
+the residual block. lm/model.py builds the families from these; nothing here imports it.
+
+Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
+"mlp"); lm/sharding.py maps them to mesh axes with rules from the config, so the layers know
+nothing of devices. Parameters are fp32; activations use `config.dtype` (bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import attention as attention_lib
+from lm import sharding
+
+
+# Model fields a run may change on resume, init_from or evaluation: how the model computes,
+# not what it computes. Every other field (checkpoint_fields) is fixed by a checkpoint, so a
+# new field is fixed unless it is added here.
+RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype")
+# What configs and checkpoints written before a field existed meant by its absence (issue 16).
+LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's shape and numerics. No defaults: they live in one place, lm/config.py
+  (experiments/base.py), and `from_config` builds this from a config's model section."""
+  vocab_size: int
+  max_seq_len: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int  # 0: same as num_heads (MHA); fewer: grouped-query attention
+  d_model: int
+  d_ff: int  # 0: 4 * d_model
+  dropout: float
+  attention_impl: str  # xla | cudnn | triton | triton_softmax | auto
+  positions: str  # rope | learned
+  norm: str  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
+  norm_type: str  # layernorm (scale and bias) | rmsnorm (scale only; Llama, T5)
+  mlp: str  # gelu (tanh approximation, as GPT-2) | swiglu
+  use_bias: bool  # biases in every dense layer (GPT-2)
+  qkv_bias: bool  # biases on the q, k, v projections only (Qwen2); implied by use_bias
+  tie_embeddings: bool
+  ln_eps: float  # of either norm_type
+  rope_theta: float
+  rope_scaling: str  # "" (none) or "llama3:factor=8,low_freq_factor=1,..." (rope_frequencies)
+  dtype: str  # activation/compute dtype
+  num_classes: int  # > 0 adds a sequence-classification head
+
+  def __post_init__(self):
+    kv = self.kv_heads
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model}: expected a multiple of model.num_heads="
+                       f"{self.num_heads}")
+    if self.num_heads % kv:
+      raise ValueError(f"model.num_kv_heads={kv}: expected a divisor of model.num_heads="
+                       f"{self.num_heads}")
+    for name, value, allowed in (("positions", self.positions, ("rope", "learned")),
+                                 ("norm", self.norm, ("pre", "post")),
+                                 ("norm_type", self.norm_type, ("layernorm", "rmsnorm")),
+                                 ("mlp", self.mlp, ("gelu", "swiglu")),
+                                 ("attention_impl", self.attention_impl, attention_lib.IMPLS),
+                                 ("dtype", self.dtype, ("float32", "bfloat16", "float16"))):
+      if value not in allowed:
+        raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"rotary positions need an even head_dim (model.d_model / "
+                       f"model.num_heads), got {self.head_dim}")
+    attention_lib.check_impl(self.attention_impl, self.head_dim)
+    parse_rope_scaling(self.rope_scaling)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def ff_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+    """Builds from the ml_collections `config.model` section (or a dict); a field written
+    before it existed takes its LEGACY_DEFAULTS value; ValueError naming the first field
+    missing otherwise."""
+    model_cfg = {**LEGACY_DEFAULTS, **model_cfg}
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
+    missing = [f for f in fields if f not in model_cfg]
+    if missing:
+      raise ValueError(f"the config has no field model.{missing[0]} (start from "
+                       "experiments/base.py)")
+    return cls(vocab_size=vocab_size, **{k: model_cfg[k] for k in fields})
+
+
+def checkpoint_fields() -> tuple[str, ...]:
+  """The config.model fields a checkpoint fixes (all but vocab_size, which the tokenizer
+  fixes, and RUNTIME_FIELDS): resume refuses to change them, init_from, evaluation and
+  lm.convert take them from the checkpoint."""
+  return tuple(f.name for f in dataclasses.fields(ModelConfig)
+               if f.name != "vocab_size" and f.name not in RUNTIME_FIELDS)
+
+
+def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
+  """An fp32 parameter annotated with logical axis names (sharded later, by jit)."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32),
+                   out_sharding=axes, eager_sharding=False)
+
+
+normal = nnx.initializers.normal
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def dense(x, w, b=None):
+  """x[..., in] @ w[in, *out] as one 2-D matmul (faster than a batched one, notably on CPU)."""
+  lead, out = x.shape[:-1], w.shape[1:]
+  y = x.reshape(-1, x.shape[-1]) @ w[...].reshape(w.shape[0], -1).astype(x.dtype)
+  y = y.reshape(*lead, *out)
+  return y if b is None else y + b[...].astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm (mean removed, scale and bias) or, with norm_type="rmsnorm", RMSNorm
+  (x / sqrt(mean(x^2) + eps) * scale: no mean, no bias; Llama and T5)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.eps = cfg.ln_eps
+    self.scale = param(rngs, ones, (cfg.d_model,), ("norm",))
+    rms = cfg.norm_type == "rmsnorm"
+    self.bias = None if rms else param(rngs, zeros, (cfg.d_model,), ("norm",))
+
+  def __call__(self, x):
+    # Statistics in fp32 whatever the compute dtype.
+    xf = x.astype(jnp.float32)
+    if self.bias is not None:
+      xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(x.dtype)
+
+
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def parse_rope_scaling(spec: str) -> dict[str, float] | None:
+  """None for "" (no scaling); the four numbers of "llama3:factor=8,low_freq_factor=1,..."
+  (all of LLAMA3_KEYS, in any order). Raises ValueError for anything else."""
+  if not spec:
+    return None
+  kind, _, args = spec.partition(":")
+  try:
+    p = {k: float(v) for k, v in (a.split("=") for a in args.split(","))}
+  except ValueError:
+    p = {}
+  if kind != "llama3" or set(p) != set(LLAMA3_KEYS) or \
+      p["high_freq_factor"] <= p["low_freq_factor"]:
+    raise ValueError(f"model.rope_scaling={spec!r}: expected '' or 'llama3:"
+                     + "=..,".join(LLAMA3_KEYS) + "=..' with high_freq_factor > low_freq_factor")
+  return p
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """The rotary inverse frequencies [head_dim // 2] (fp32): theta^(-2i/head_dim), rescaled by
+  cfg.rope_scaling. "llama3" (Llama 3.1) divides the low frequencies (wavelength above
+  original_max_position_embeddings / low_freq_factor) by factor, keeps the high ones (below
+  .../high_freq_factor) and interpolates linearly in 1/wavelength between."""
+  half = cfg.head_dim // 2
+  freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  p = parse_rope_scaling(cfg.rope_scaling)
+  if p is None:
+    return freq
+  ratio = p["original_max_position_embeddings"] * freq / (2 * math.pi)  # context / wavelength
+  low, high = p["low_freq_factor"], p["high_freq_factor"]
+  smooth = jnp.clip((ratio - low) / (high - low), 0, 1)  # 0: low frequency, 1: high
+  return (1 - smooth) * freq / p["factor"] + smooth * freq
+
+
+def rope(x, positions, freq):
+  """Rotary embedding on [B, T, H, D] at integer positions [B, T] (rotate-half convention, as
+  Hugging Face Llama: dimension i pairs with i + D/2) with frequencies freq [D // 2]."""
+  angle = positions[..., None, None].astype(jnp.float32) * freq  # [B, T, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class LayerCache(NamedTuple):
+  """Keys and values of one layer for incremental decoding: [B, kv_heads, max_len, head_dim].
+
+  Head-major, so each decode step's attention reads the cache as stored; a [B, len, kv, d]
+  cache made XLA transpose all of it every step (cached attention 3-4x slower at batch 16, CPU).
+  """
+  k: jax.Array
+  v: jax.Array
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention softmax(QK^T/sqrt(d_k))V with grouped-query K/V."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+    self.cfg = cfg
+    self.rules = rules
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    std = 0.02
+    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2's scaled init of residual outputs
+    self.wq = param(rngs, normal(std), (d, h, hd), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, normal(out_std), (h * hd, d), ("heads_merged", "embed"))
+    if cfg.use_bias or cfg.qkv_bias:
+      self.bq = param(rngs, zeros, (h, hd), ("heads", "head_dim"))
+      self.bk = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"))
+      self.bv = param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"))
+    else:
+      self.bq = self.bk = self.bv = None
+    self.bo = param(rngs, zeros, (d,), ("embed",)) if cfg.use_bias else None
+
+  def __call__(self, x, positions, segment_ids, cache: LayerCache | None, cache_index):
+    cfg = self.cfg
+    q = dense(x, self.wq, self.bq)
+    k = dense(x, self.wk, self.bk)
+    v = dense(x, self.wv, self.bv)
+    if cfg.positions == "rope":
+      freq = rope_frequencies(cfg)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
+    if cache is None:
+      out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=True,
+                                    segment_ids=segment_ids, rules=self.rules)
+    else:
+      # Decoding: write this chunk at cache_index, attend over the whole (masked) cache.
+      def write(c, new):  # the chunk [B, T, kv, d] goes in at slot cache_index of [B, kv, len, d]
+        return jax.lax.dynamic_update_slice_in_dim(
+            c, new.astype(c.dtype).transpose(0, 2, 1, 3), cache_index, 2)
+      ck, cv = write(cache.k, k), write(cache.v, v)
+      cache = LayerCache(ck, cv)
+      out = attention_lib.cached_attention(q, ck, cv, cache_index, segment_ids)
+    out = out.reshape(*out.shape[:-2], -1)
+    return dense(out, self.wo, self.bo), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    d, f = cfg.d_model, cfg.ff_dim
+    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    self.w_in = param(rngs, normal(0.02), (d, f), ("embed", "mlp"))
+    self.w_gate = param(rngs, normal(0.02), (d, f), ("embed", "mlp")) if cfg.mlp == "swiglu" else None
+    self.w_out = param(rngs, normal(out_std), (f, d), ("mlp", "embed"))
+    use_b = cfg.use_bias
+    self.b_in = param(rngs, zeros, (f,), ("mlp",)) if use_b else None
+    self.b_out = param(rngs, zeros, (d,), ("embed",)) if use_b else None
+
+  def __call__(self, x):
+    h = dense(x, self.w_in, self.b_in)
+    if self.kind == "swiglu":
+      h = jax.nn.silu(dense(x, self.w_gate)) * h
+    else:
+      h = jax.nn.gelu(h, approximate=True)
+    return dense(h, self.w_out, self.b_out)
+
+
+class Block(nnx.Module):
+  """Attention and MLP sublayers with residuals; pre-LN: x + f(LN(x)), post-LN: LN(x + f(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+    self.pre = cfg.norm == "pre"
+    self.ln1, self.ln2 = LayerNorm(cfg, rngs), LayerNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs, rules)
+    self.mlp = MLP(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x, positions, segment_ids, cache, cache_index, rngs):
+    drop = lambda y: self.dropout(y, rngs=rngs, deterministic=rngs is None)
+    if self.pre:
+      a, cache = self.attn(self.ln1(x), positions, segment_ids, cache, cache_index)
+      x = x + drop(a)
+      x = x + drop(self.mlp(self.ln2(x)))
+    else:
+      a, cache = self.attn(x, positions, segment_ids, cache, cache_index)
+      x = self.ln1(x + drop(a))
+      x = self.ln2(x + drop(self.mlp(x)))
+    return x, cache
