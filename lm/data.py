@@ -112,8 +112,10 @@ def _json_lines(text: str) -> Iterator[tuple[int, str]]:
     yield n, line[:-1] if line.endswith("\r") else line
 
 
-def _read_jsonl(path: str, field: str) -> list[tuple[str, str]]:
-  docs = []
+def read_jsonl(path: str, *fields: str) -> list[tuple[str, ...]]:
+  """(f"{path}:{line}", value of each field...) for every non-blank line of a .jsonl file;
+  UsageError naming the line for bad JSON or a field that is missing or not a string."""
+  rows = []
   for n, line in _json_lines(_read_text(path)):
     if not line.strip():
       continue
@@ -121,10 +123,11 @@ def _read_jsonl(path: str, field: str) -> list[tuple[str, str]]:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
       raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})")
-    if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-      raise UsageError(f"{path}:{n}: expected an object with a string field {field!r}")
-    docs.append((f"{path}:{n}", obj[field]))
-  return docs
+    for field in fields:
+      if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+        raise UsageError(f"{path}:{n}: expected an object with a string field {field!r}")
+    rows.append((f"{path}:{n}", *(obj[f] for f in fields)))
+  return rows
 
 
 def expand_paths(path: str) -> list[str]:
@@ -149,7 +152,7 @@ def documents(data_cfg) -> list[tuple[str, str]]:
     return play_documents()
   docs = []
   for p in expand_paths(data_cfg.path):
-    found = _read_jsonl(p, data_cfg.text_field) if p.endswith(".jsonl") else [(p, _read_text(p))]
+    found = read_jsonl(p, data_cfg.text_field) if p.endswith(".jsonl") else [(p, _read_text(p))]
     cleaned = [(name, *tokenizers.replace_invalid(text)) for name, text in found]
     if n := sum(n for _, _, n in cleaned):
       first = next(name for name, _, k in cleaned if k)
