@@ -204,6 +204,30 @@ def rope(x, positions, freq):
   return out.astype(x.dtype)
 
 
+def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+  """T5's bucket [same shape] (int32) of key position - query position (relative_position).
+
+  Half the buckets (of num_buckets, or of each sign's half when bidirectional) hold exact
+  distances 0, 1, ...; the rest grow logarithmically up to max_distance, beyond which
+  everything shares the last bucket. Causal (not bidirectional): keys after the query all
+  land in bucket 0. Source: Raffel et al. 2020; Mesh TensorFlow / HF `_relative_position_bucket`.
+  """
+  bucket = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (relative_position > 0) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = jnp.maximum(-relative_position, 0)
+  exact = num_buckets // 2
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(
+      max_distance / exact)
+  far = jnp.minimum(exact + (log_ratio * (num_buckets - exact)).astype(distance.dtype),
+                    num_buckets - 1)
+  return (bucket + jnp.where(distance < exact, distance, far)).astype(jnp.int32)
+
+
 class LayerCache(NamedTuple):
   """Keys and values of one layer for incremental decoding: [B, kv_heads, max_len, head_dim].
 

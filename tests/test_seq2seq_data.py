@@ -153,3 +153,33 @@ def test_read_pairs(tmp_path):
   path.write_text("\n\n")
   with pytest.raises(UsageError, match="no input/target pairs"):
     seq2seq.read_pairs(str(path), "src", "tgt")
+
+
+def reference_bucket(rel, bidirectional, num_buckets=32, max_distance=128):
+  """T5's relative position bucket for one integer, as Mesh TensorFlow describes it."""
+  ret, n = 0, -rel  # n: query position - key position
+  if bidirectional:
+    num_buckets //= 2
+    if n < 0:
+      ret += num_buckets
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return ret + n
+  far = max_exact + int(np.log(n / max_exact) / np.log(max_distance / max_exact)
+                        * (num_buckets - max_exact))
+  return ret + min(far, num_buckets - 1)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_bucket(bidirectional):
+  import jax.numpy as jnp
+  from lm.layers import relative_position_bucket
+  rel = np.arange(-300, 301)
+  got = relative_position_bucket(jnp.asarray(rel), bidirectional=bidirectional, num_buckets=32,
+                                 max_distance=128)
+  want = [reference_bucket(int(r), bidirectional) for r in rel]
+  assert np.asarray(got).tolist() == want
+  assert len(set(want)) == 32  # every bucket is reached within +-300
