@@ -43,15 +43,20 @@ flags.DEFINE_integer("process_id", None, "multi-process: this process's index.")
 
 def parse_flags(argv):
   """absl's parser, but a bad flag or config override is one line on stderr, not a dump."""
+  config_path = None
   for arg in argv[1:]:  # ml_collections would defer a missing file's error to first use
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
       if not os.path.isfile(path):
         fail(f"config file {path} not found")
+      if not defines_get_config(path):
+        fail(f"{path}: defines no get_config() (an experiment config returns its ConfigDict "
+             "from get_config(arg=None); see experiments/base.py)")
+      config_path = path
   try:
     return FLAGS(argv)
   except Exception as e:  # absl's flags.Error; ml_collections raises KeyError/AttributeError too
-    where = config_file_line(e)
+    where = config_file_line(e, config_path)
     if where:
       fail(where)
     while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...))
@@ -71,9 +76,35 @@ def parse_flags(argv):
     fail(text)
 
 
-def config_file_line(e: BaseException) -> str | None:
-  """'FILE:LINE: message' for an error inside a config file (a syntax error, or an exception
-  its get_config raised), found among the exception's causes; None otherwise."""
+def defines_get_config(path: str) -> bool:
+  """Whether the file binds `get_config` at top level (True when it does not parse: the
+  syntax error is reported, with its line, when ml_collections loads it)."""
+  import ast
+  try:
+    with open(path, "rb") as f:
+      tree = ast.parse(f.read(), path)
+  except (SyntaxError, ValueError):
+    return True
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      names = [node.name]
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      names = [(a.asname or a.name).split(".")[0] for a in node.names]
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      names = [t.id for t in targets if isinstance(t, ast.Name)]
+    else:
+      continue
+    if "get_config" in names or "*" in names:
+      return True
+  return False
+
+
+def config_file_line(e: BaseException, config_path: str | None = None) -> str | None:
+  """'FILE:LINE: message' for an error inside a config file (a syntax error, an exception
+  its get_config raised or one its top level raised, e.g. a failed import), found among the
+  exception's causes; None otherwise."""
+  config_path = config_path and os.path.abspath(config_path)
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -82,7 +113,8 @@ def config_file_line(e: BaseException) -> str | None:
     tb, last = e.__traceback__, None
     while tb is not None:  # the innermost frame that runs a config file (experiments/*.py)
       name = tb.tb_frame.f_code.co_filename
-      if name.endswith(".py") and "get_config" in tb.tb_frame.f_code.co_name:
+      if name.endswith(".py") and ("get_config" in tb.tb_frame.f_code.co_name
+                                   or os.path.abspath(name) == config_path):
         last = (name, tb.tb_lineno)
       tb = tb.tb_next
     if last and not isinstance(e, (KeyError, AttributeError)):

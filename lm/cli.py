@@ -21,14 +21,28 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+class _ProjectInfoOnly(py_logging.Filter):
+  """Passes warnings and above, and INFO from files under `roots`."""
+
+  def __init__(self, roots: tuple[str, ...]):
+    super().__init__()
+    self.roots = roots
+
+  def filter(self, record) -> bool:
+    return record.levelno >= py_logging.WARNING or record.pathname.startswith(self.roots)
+
+
 def quiet_library_logs() -> None:
   """Libraries (Orbax on every save, JAX at start-up) log at INFO through absl too: keep their
-  warnings, and INFO from this project only (lm/, kernels/ and the running script's folder)."""
+  warnings, and INFO from this project only (lm/, kernels/ and the running script's folder).
+  Calling it again changes nothing (one filter per process)."""
+  handler = logging.get_absl_handler()
+  if any(isinstance(f, _ProjectInfoOnly) for f in handler.filters):
+    return
   roots = tuple(d for name in ("lm", "kernels")
                 for d in importlib.util.find_spec(name).submodule_search_locations)
   roots += (os.path.dirname(os.path.abspath(sys.argv[0] or ".")),)
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or r.pathname.startswith(roots))
+  handler.addFilter(_ProjectInfoOnly(roots))
 
 
 @contextlib.contextmanager

@@ -76,6 +76,18 @@ def _raising_config(tmp):
   return [f"--config={path}"], f"{path}:5"
 
 
+def _config_import_fails(tmp):  # old: the message without FILE:LINE
+  path = tmp / "imports.py"
+  path.write_text("import ml_collections\nimport no_such_module_here\n\ndef get_config():\n  pass\n")
+  return [f"--config={path}"], f"{path}:2: ModuleNotFoundError"
+
+
+def _config_without_get_config(tmp):  # old: "unknown config key 'module'"
+  path = tmp / "noget.py"
+  path.write_text("from lm.config import base_config\nCONFIG = base_config()\n")
+  return [f"--config={path}"], "defines no get_config()"
+
+
 def _workdir_is_a_file(tmp):
   path = tmp / "afile"
   path.write_text("x")
@@ -162,6 +174,8 @@ CASES = [
     ("unknown_key", ["--config.train.num_step=3"], "num_step"),
     ("syntax_error", _syntax_error_config, None),
     ("config_raises", _raising_config, None),
+    ("config_import_fails", _config_import_fails, None),
+    ("config_without_get_config", _config_without_get_config, None),
     ("workdir_is_file", _workdir_is_a_file, None),
     ("eval_without_checkpoints", _empty_workdir_for_eval, None),
     ("classify_min_chars", [CLASSIFY, "--config.classify.min_chars=-1"], "classify.min_chars=-1"),

@@ -98,3 +98,26 @@ def test_resuming_with_a_different_model_shape_fails_and_keeps_the_checkpoint(tm
   assert_one_line_error(proc, "d_model=32", "64")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
   assert run_cli(*TINY, "--config.train.num_steps=3", f"--workdir={tmp_path}").returncode == 0
+
+
+def test_quiet_library_logs_is_one_filter_however_often_called():
+  """Old code added a filter per call (bench scripts and run.py each call it)."""
+  from absl import logging as absl_logging
+  from lm import cli
+  handler = absl_logging.get_absl_handler()
+  before = list(handler.filters)
+  try:
+    for _ in range(3):
+      cli.quiet_library_logs()
+    added = [f for f in handler.filters if f not in before]
+    assert len(added) + sum(isinstance(f, cli._ProjectInfoOnly) for f in before) == 1
+    record = lambda level, path: type("R", (), {"levelno": level, "pathname": path})()
+    f = next(f for f in handler.filters if isinstance(f, cli._ProjectInfoOnly))
+    import logging as py_logging
+    import lm
+    project_file = lm.__file__
+    assert f.filter(record(py_logging.INFO, project_file))
+    assert not f.filter(record(py_logging.INFO, "/site-packages/orbax/x.py"))
+    assert f.filter(record(py_logging.WARNING, "/site-packages/orbax/x.py"))
+  finally:
+    handler.filters[:] = before
