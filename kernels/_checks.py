@@ -94,15 +94,15 @@ def check_attention_args(q, k, v, segment_ids, softmax_scale, *, name: str,
     return q_seg, kv_seg, softmax_scale
 
 
-def check_bias_and_window(q, k, bias, window, causal, *, name: str) -> int:
+def check_bias_and_window(bias, window, causal, scores_shape, *, name: str) -> int:
     """Validate the attention ``bias`` and ``window``; returns the window as an int.
 
-    bias: None or ``[1 or batch, num_heads, q_len, kv_len]``, float32/bfloat16/
-    float16.  window: an int >= 0; > 0 needs ``causal=True`` (a query sees the
-    last ``window`` keys up to its own position).  Raises ValueError.
+    scores_shape: ``(batch, num_heads, q_len, kv_len)``.  bias: None or
+    ``[1 or batch, num_heads, q_len, kv_len]``, float32/bfloat16/float16.
+    window: an int >= 0; > 0 needs ``causal=True`` (a query sees the last
+    ``window`` keys up to its own position).  Raises ValueError.
     """
-    b, tq, h, _ = q.shape
-    tk = k.shape[1]
+    b, h, tq, tk = scores_shape
     if bias is not None:
         shape = tuple(getattr(bias, "shape", ()))
         if len(shape) != 4 or shape[0] not in (1, b) or shape[1:] != (h, tq, tk):

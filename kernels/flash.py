@@ -760,7 +760,8 @@ _flash.defvjp(_flash_fwd_rule, _flash_bwd_rule, symbolic_zeros=True)
 
 def _make_cfg(q, k, v, causal, segment_ids, softmax_scale, bias, window, block_sizes, name):
     q_seg, kv_seg, scale = check_attention_args(q, k, v, segment_ids, softmax_scale, name=name)
-    window = check_bias_and_window(q, k, bias, window, causal, name=name)
+    (b, tq, h, _), tk = q.shape, k.shape[1]
+    window = check_bias_and_window(bias, window, causal, (b, h, tq, tk), name=name)
     if block_sizes is not None:
         bm, bn = (int(x) for x in block_sizes)
         for x in (bm, bn):

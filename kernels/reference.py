@@ -47,9 +47,10 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, softmax_scale=
     q_seg, kv_seg, scale = check_attention_args(q, k, v, segment_ids, softmax_scale,
                                                 name="reference.attention",
                                                 check_head_dim=False)
-    window = check_bias_and_window(q, k, bias, window, causal, name="reference.attention")
     b, tq, h, d = q.shape
     _, tk, kvh, _ = k.shape
+    window = check_bias_and_window(bias, window, causal, (b, h, tq, tk),
+                                   name="reference.attention")
     g = h // kvh
     qf = q.astype(jnp.float32).reshape(b, tq, kvh, g, d)
     kf = k.astype(jnp.float32)
