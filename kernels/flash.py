@@ -8,24 +8,38 @@ folded into the softmax scale so the kernels use ``exp2``/``log2``); it is
 ``+inf`` for a query that sees no key, which makes every recomputed
 probability of that row exactly zero in the backward pass.
 
+An optional additive bias ``[BB, H, Tq, Tk]`` (``BB`` = 1 or B) is read tile by
+tile where the scores are made: ``S = (q k^T * scale + bias) * log2(e)`` (the
+bias is in natural-log units, so it gets ``log2(e)`` too).  Batch row ``b``
+reads bias row ``b // (B // BB)``: stride 0 for a batch-1 bias, and still right
+after ``fold_vmap`` has folded a vmapped axis into the batch of both.
+
 Forward (grid ``(cdiv(Tq, BLOCK_M), B * H)``): one program per query block,
-online softmax over K/V blocks in two stages:
+online softmax over K/V blocks in stages (``_kv_range``):
 
-1. blocks that need no mask at all (fully visible under causality, fully
-   inside ``Tk``) -- no ``where`` per element;
-2. the diagonal band (causal) and/or the ragged ``Tk`` tail, with the mask.
+1. with a sliding window, the blocks on its left edge, masked;
+2. blocks that need no mask at all (fully visible under causality and the
+   window, fully inside ``Tk``) -- no ``where`` per element;
+3. the diagonal band (causal) and/or the ragged ``Tk`` tail, with the mask.
 
-Fully masked causal blocks (above the diagonal) are never visited.  Segment
-ids, when given, are applied in both stages.  Causal with ``Tq != Tk`` aligns
-the ends: query ``i`` sits at key position ``i + Tk - Tq``.
+Blocks entirely above the diagonal or left of every window of the query block
+are never visited, so with a window W the cost grows as ``Tq * W``, not
+``Tq * Tk``.  Segment ids, when given, are applied in every stage.  Causal with
+``Tq != Tk`` aligns the ends: query ``i`` sits at key position ``i + Tk - Tq``
+and, with a window, sees keys ``j`` with ``0 <= i + Tk - Tq - j < W``.
 
 Backward (FlashAttention-2 scheme, no atomics, deterministic):
 
 * ``_bwd_preprocess``: ``delta = rowsum(dO * O)``;
 * ``_bwd_dkdv_kernel``: one program per K/V block and kv head; loops over the
-  ``H // KVH`` query heads of its GQA group and their query blocks,
-  recomputing ``P = exp2(S - lse)``; accumulates dK and dV in fp32;
-* ``_bwd_dq_kernel``: one program per query block, loops over K/V blocks.
+  ``H // KVH`` query heads of its GQA group and their query blocks in the
+  range that sees the block (``_q_range``), recomputing
+  ``P = exp2(S - lse)``; accumulates dK and dV in fp32;
+* ``_bwd_dq_kernel``: one program per query block, loops over K/V blocks as
+  the forward does.  When the bias needs a gradient it also writes
+  ``dBias = dS = P * (dP - delta)`` (fp32, ``[B, H, Tq, Tk]``): each element by
+  exactly one program, zeros where no query of the block looks, so it is
+  deterministic; a batch-1 bias's gradient is then summed over the batch in XLA.
 
 GQA/MQA: query head ``h`` reads kv head ``h // (H // KVH)``; K/V are never
 repeated in memory.
