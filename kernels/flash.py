@@ -562,16 +562,24 @@ def _effective_dim(head_dim: int, dtype) -> int:
     return head_dim * (2 if jnp.dtype(dtype).itemsize >= 4 else 1)
 
 
-def _gpu_configs(head_dim: int, kind: str):
+def _gpu_configs(head_dim: int, kind: str, has_bias: bool = False):
     """Autotuning space on GPU, pruned by (effective) head dim to keep shared
-    memory and registers within bounds."""
+    memory and registers within bounds.  A bias halves the largest tile: its
+    tile (up to 4 bytes an element, pipelined like K and V) took the 128x128
+    forward and the 64x128 dQ at D=128 to 225 KiB of the 227 KiB an H100 block
+    may have (tests/test_gpu_lowering.py)."""
     table = _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
     if head_dim >= 512:
-        table = [(bm, bn, w, min(st, 2)) for bm, bn, w, st in table if bm * bn <= 64 * 32]
+        cap, stages = 64 * 32, 2
     elif head_dim >= 256:
-        table = [(bm, bn, w, min(st, 2)) for bm, bn, w, st in table if bm * bn <= 64 * 64]
-    elif head_dim >= 128 and kind != "fwd":
-        table = [c for c in table if c[0] * c[1] <= 64 * 128]
+        cap, stages = 64 * 64, 2
+    elif head_dim >= 128:
+        cap, stages = (128 * 128 if kind == "fwd" else 64 * 128), None
+    else:
+        cap, stages = 128 * 128, None
+    if has_bias:
+        cap = max(cap // 2, 64 * 32)
+    table = [(bm, bn, w, min(st, stages or st)) for bm, bn, w, st in table if bm * bn <= cap]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in table]
 
@@ -580,11 +588,12 @@ _AUTOTUNE_KEYS = ["Tq", "Tk", "H", "KVH"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, head_dim: int):
+def _tuned(kernel_name: str, head_dim: int, has_bias: bool):
     """Autotuned wrapper; ``head_dim`` is the effective one (see _effective_dim)."""
     kernel = {"fwd": _flash_fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kernel_name]
     kind = "fwd" if kernel_name == "fwd" else "bwd"
-    return triton.autotune(configs=_gpu_configs(head_dim, kind), key=_AUTOTUNE_KEYS)(kernel)
+    return triton.autotune(configs=_gpu_configs(head_dim, kind, has_bias),
+                           key=_AUTOTUNE_KEYS)(kernel)
 
 
 def _pow2_clip(n: int, lo: int, hi: int) -> int:
@@ -676,7 +685,7 @@ def _fwd_impl(cfg: _Cfg):
         args = (q, k, v, qseg, kseg, bias, cfg.scale, tq, tk, h, kvh, bias_group, cfg.window)
         if blocks is None:
             o, lse = bridge.triton_call(
-                _tuned("fwd", _effective_dim(head_pad(d), cdt)), *args, out_shape=out_shape,
+                _tuned("fwd", _effective_dim(head_pad(d), cdt), cfg.has_bias), *args, out_shape=out_shape,
                 grid=lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
                 interpret=False, **consts)
         else:
@@ -718,11 +727,11 @@ def _bwd_impl(cfg: _Cfg, bias_grad: bool):
                      jax.ShapeDtypeStruct((b, h, tq, tk) if bias_grad else (1,), jnp.float32)]
         if blocks is None:
             dk, dv = bridge.triton_call(
-                _tuned("dkdv", _effective_dim(head_pad(d), cdt)), *args, out_shape=kv_shapes,
+                _tuned("dkdv", _effective_dim(head_pad(d), cdt), cfg.has_bias), *args, out_shape=kv_shapes,
                 grid=lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * kvh),
                 interpret=False, **consts)
             dq, dbias = bridge.triton_call(
-                _tuned("dq", _effective_dim(head_pad(d), cdt)), *args, out_shape=dq_shapes,
+                _tuned("dq", _effective_dim(head_pad(d), cdt), cfg.has_bias), *args, out_shape=dq_shapes,
                 grid=lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
                 interpret=False, BIAS_GRAD=bias_grad, **consts)
         else:
