@@ -636,13 +636,32 @@ for fn in (kernels.flash_attention, kernels.fused_softmax_attention):
     for g, w in zip(got, want):
         err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
         assert err < 1e-5, (fn.__name__, err)
+# lm.sharding.shard_heads with a batch-1 bias (whole on every device; its gradient summed over
+# the batch shards) and with a full-batch one (split like q), under a batch and a heads mesh
+from lm import sharding
+from lm.attention import attention
+kv2 = jnp.concatenate([kv, -kv], axis=2)
+for bias_batch in (1, 4):
+    bias = jax.random.normal(jax.random.key(2), (bias_batch, 2, 20, 20))
+    loss = lambda impl: lambda q, kv, b: jnp.sum(attention(
+        q, kv, kv, impl=impl, causal=True, window=7, bias=b, segment_ids=seg) ** 2)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, kv2, bias)
+    for sizes in ((2, 1, 1), (1, 1, 2)):
+        mesh = jax.make_mesh(sizes, sharding.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        with jax.set_mesh(mesh):
+            got = jax.jit(jax.grad(loss("triton"), argnums=(0, 1, 2)))(q, kv2, bias)
+        for g, w in zip(got, want):
+            err = float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w))
+            assert err < 1e-5, (bias_batch, sizes, err)
 print("OK")
 """
 
 
 @pytest.mark.slow
 def test_inside_shard_map_on_two_cpu_devices():
-    """Per-device shards under shard_map, with gradients (fresh process: needs 2 CPU devices)."""
+    """Per-device shards under shard_map, with gradients (fresh process: needs 2 CPU devices);
+    shard_heads with a bias (batch 1 or full) and a window, split over batch or heads."""
     import os
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
