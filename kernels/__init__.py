@@ -8,9 +8,14 @@ Public API (q ``[batch, q_len, num_heads, head_dim]``, k/v ``[batch, kv_len,
 num_kv_heads, head_dim]``, result ``[batch, q_len, num_heads, head_dim]`` in
 q's dtype):
 
-* ``flash_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None)``
-* ``fused_softmax_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None)``
+* ``flash_attention(q, k, v, *, causal=False, segment_ids=None, softmax_scale=None,
+  bias=None, window=0)``
+* ``fused_softmax_attention(...)`` (same arguments)
 * ``reference_attention(...)``: plain jnp oracle with the same semantics.
+
+``bias`` ``[1 or batch, num_heads, q_len, kv_len]`` is added to the scaled
+scores (differentiable); ``window`` W > 0 (with ``causal``) lets a query see
+only the last W keys up to its own position.
 
 All three are differentiable and work under ``jax.jit``, ``jax.grad``,
 ``jax.checkpoint`` and ``jax.vmap``.

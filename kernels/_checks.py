@@ -92,3 +92,31 @@ def check_attention_args(q, k, v, segment_ids, softmax_scale, *, name: str,
         if not np.isfinite(softmax_scale):
             raise ValueError(f"{name}: softmax_scale must be finite, got {softmax_scale}.")
     return q_seg, kv_seg, softmax_scale
+
+
+def check_bias_and_window(bias, window, causal, scores_shape, *, name: str) -> int:
+    """Validate the attention ``bias`` and ``window``; returns the window as an int.
+
+    scores_shape: ``(batch, num_heads, q_len, kv_len)``.  bias: None or
+    ``[1 or batch, num_heads, q_len, kv_len]``, float32/bfloat16/float16.
+    window: an int >= 0; > 0 needs ``causal=True`` (a query sees the last
+    ``window`` keys up to its own position).  Raises ValueError.
+    """
+    b, h, tq, tk = scores_shape
+    if bias is not None:
+        shape = tuple(getattr(bias, "shape", ()))
+        if len(shape) != 4 or shape[0] not in (1, b) or shape[1:] != (h, tq, tk):
+            raise ValueError(f"{name}: bias must have shape [1 or {b}, {h}, {tq}, {tk}] "
+                             f"([batch, heads, q_len, kv_len]), got {shape or None}.")
+        if jnp.dtype(bias.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+            raise ValueError(f"{name}: bias has dtype {bias.dtype}; supported dtypes are "
+                             f"float32, bfloat16 and float16.")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+        raise ValueError(f"{name}: window must be a Python int, got {type(window).__name__}.")
+    window = int(window)
+    if window < 0 or (window and not causal):
+        raise ValueError(f"{name}: window={window}: expected 0 (all keys) or > 0 with "
+                         f"causal=True.")
+    if window >= 2**31:
+        raise ValueError(f"{name}: window={window} does not fit in int32.")
+    return window

@@ -12,6 +12,11 @@ head dims 64 and 128, causal and not, with ``batch * seq_len`` held at
 writes ``results.csv`` and ``tflops.png`` (if matplotlib is installed) to
 ``--out``.
 
+``--window W`` (causal rows only) and ``--bias const|grad`` (an fp32
+``[1, heads, T, T]`` additive bias, without or with its gradient) measure the
+sliding-window and biased variants; FLOPs then count only the visible
+(query, key) pairs.
+
 Without a GPU it says so and runs a small CPU correctness + timing check of
 the same kernels in Triton's interpreter instead (``cpu_check.csv``).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import statistics
@@ -35,22 +41,31 @@ import kernels
 IMPLS = ("xla", "xla_triton_softmax", "triton_flash", "cudnn")
 
 
-def _impl_fn(name: str, causal: bool):
+def _impl_fn(name: str, causal: bool, window: int = 0):
+    """f(q, k, v, bias=None) for implementation ``name``."""
+    kw = dict(causal=causal, window=window)
     if name == "xla":
-        return lambda q, k, v: kernels.reference_attention(q, k, v, causal=causal)
+        return lambda q, k, v, bias=None: kernels.reference_attention(q, k, v, bias=bias, **kw)
     if name == "xla_triton_softmax":
-        return lambda q, k, v: kernels.fused_softmax_attention(q, k, v, causal=causal)
+        return lambda q, k, v, bias=None: kernels.fused_softmax_attention(q, k, v, bias=bias,
+                                                                          **kw)
     if name == "triton_flash":
-        return lambda q, k, v: kernels.flash_attention(q, k, v, causal=causal)
+        return lambda q, k, v, bias=None: kernels.flash_attention(q, k, v, bias=bias, **kw)
     if name == "cudnn":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                            implementation="cudnn")
+        local = (window - 1, 0) if window else None
+        return lambda q, k, v, bias=None: jax.nn.dot_product_attention(
+            q, k, v, bias=bias, is_causal=causal, local_window_size=local,
+            implementation="cudnn")
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}.")
 
 
-def attention_flops(b, h, tq, tk, d, causal) -> float:
-    """Forward FLOPs: two matmuls of 2*B*H*Tq*Tk*D each; causal does half."""
+def attention_flops(b, h, tq, tk, d, causal, window: int = 0) -> float:
+    """Forward FLOPs: two matmuls of 2*B*H*Tq*Tk*D each; causal does half; a
+    window W (with causal, Tq == Tk) counts the visible pairs, about Tq*W."""
     f = 4.0 * b * h * tq * tk * d
+    if window:
+        pairs = sum(min(i + 1, window) for i in range(tq))
+        return f * pairs / (tq * tk)
     return f / 2 if causal else f
 
 
@@ -73,13 +88,16 @@ def _time(fn, arg_sets, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _random_inputs(key, b, t, h, kvh, d, dtype, n_sets):
+def _random_inputs(key, b, t, h, kvh, d, dtype, n_sets, bias="none"):
+    """n_sets tuples (q, k, v, do, bias): bias None, or fp32 [1, h, t, t]."""
     sets = []
     for i in range(n_sets):
-        kq, kk, kv, kd = jax.random.split(jax.random.fold_in(key, i), 4)
-        sets.append(tuple(jax.random.normal(kk_, shape, jnp.float32).astype(dtype)
-                          for kk_, shape in ((kq, (b, t, h, d)), (kk, (b, t, kvh, d)),
-                                             (kv, (b, t, kvh, d)), (kd, (b, t, h, d)))))
+        kq, kk, kv, kd, kb = jax.random.split(jax.random.fold_in(key, i), 5)
+        arrays = tuple(jax.random.normal(kk_, shape, jnp.float32).astype(dtype)
+                       for kk_, shape in ((kq, (b, t, h, d)), (kk, (b, t, kvh, d)),
+                                          (kv, (b, t, kvh, d)), (kd, (b, t, h, d))))
+        sets.append(arrays + (None if bias == "none" else
+                              jax.random.normal(kb, (1, h, t, t), jnp.float32),))
     return sets
 
 
@@ -101,22 +119,34 @@ def _device_peak_mb() -> float | None:
         return None
 
 
-def bench_one(impl, b, t, h, kvh, d, causal, dtype, warmup, repeats, n_sets=2, seed=0):
-    """Returns a result dict (times in ms, TFLOP/s, memory) or status OOM/ERROR."""
+def bench_one(impl, b, t, h, kvh, d, causal, dtype, warmup, repeats, n_sets=2, seed=0,
+              window=0, bias="none"):
+    """Returns a result dict (times in ms, TFLOP/s, memory) or status OOM/ERROR.
+
+    bias: "none", "const" (an fp32 [1, h, t, t] bias, no gradient) or "grad" (its
+    gradient is computed too)."""
     row = dict(impl=impl, batch=b, seq_len=t, heads=h, kv_heads=kvh, head_dim=d,
-               causal=causal, dtype=jnp.dtype(dtype).name, status="ok")
-    f = _impl_fn(impl, causal)
+               causal=causal, window=window, bias=bias, dtype=jnp.dtype(dtype).name,
+               status="ok")
+    f = _impl_fn(impl, causal, window)
     try:
-        sets = _random_inputs(jax.random.key(seed), b, t, h, kvh, d, dtype, n_sets)
+        sets = _random_inputs(jax.random.key(seed), b, t, h, kvh, d, dtype, n_sets, bias)
         fwd = jax.jit(f)
 
-        def loss(q, k, v, do):
-            return jnp.sum(f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+        def loss(q, k, v, do, bias):
+            return jnp.sum(f(q, k, v, bias).astype(jnp.float32) * do.astype(jnp.float32))
 
-        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        row["fwd_ms"] = 1e3 * _time(fwd, [s[:3] for s in sets], warmup, repeats)
+        # the bias is an argument either way; differentiated only for "grad"
+        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4) if bias == "grad" else (0, 1, 2)))
+        row["fwd_ms"] = 1e3 * _time(fwd, [s[:3] + s[4:] for s in sets], warmup, repeats)
+
+        def pullback(q, k, v, do, bias):
+            if bias == "grad":
+                return jax.vjp(f, q, k, v, bias)[1], do
+            return jax.vjp(lambda q, k, v: f(q, k, v, bias), q, k, v)[1], do
+
         # backward alone: vjp residuals computed up front, then only the pullback is timed
-        pullbacks = [(jax.vjp(f, *s[:3])[1], s[3]) for s in sets]
+        pullbacks = [pullback(*s) for s in sets]
         bwd = jax.jit(lambda pb, do: pb(do))
         row["bwd_ms"] = 1e3 * _time(bwd, pullbacks, warmup, repeats)
         del pullbacks
@@ -126,14 +156,15 @@ def bench_one(impl, b, t, h, kvh, d, causal, dtype, warmup, repeats, n_sets=2, s
     except Exception as e:  # report and continue with the next configuration
         row["status"] = "OOM" if _is_oom(e) else f"ERROR: {type(e).__name__}: {str(e)[:200]}"
         return row
-    fl = attention_flops(b, h, t, t, d, causal)
+    fl = attention_flops(b, h, t, t, d, causal, window)
     row["fwd_tflops"] = fl / (row["fwd_ms"] * 1e-3) / 1e12
     row["bwd_tflops"] = 2.5 * fl / (row["bwd_ms"] * 1e-3) / 1e12
     row["fwd_bwd_tflops"] = 3.5 * fl / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     return row
 
 
-FIELDS = ["impl", "batch", "seq_len", "heads", "kv_heads", "head_dim", "causal", "dtype", "status",
+FIELDS = ["impl", "batch", "seq_len", "heads", "kv_heads", "head_dim", "causal", "window", "bias",
+          "dtype", "status",
           "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops",
           "mem_fwd_bwd_mb", "device_peak_mb"]
 
@@ -196,11 +227,15 @@ def run_gpu(args):
     os.makedirs(args.out, exist_ok=True)
     for d in args.head_dims:
         for causal in args.causal:
+            if args.window and not causal:
+                print("--window: skipping causal=False (a window needs causal)")
+                continue
             for t in args.seq_lens:
                 b = max(1, args.tokens // t)
                 for impl in args.impls:
                     row = bench_one(impl, b, t, args.heads, args.kv_heads or args.heads, d, causal,
-                                    dtype, args.warmup, args.repeats)
+                                    dtype, args.warmup, args.repeats, window=args.window,
+                                    bias=args.bias)
                     if not rows:
                         print("  ".join(FIELDS))
                     rows.append(row)
@@ -215,36 +250,39 @@ def run_gpu(args):
     return rows
 
 
-CPU_FIELDS = ["impl", "batch", "seq_len", "heads", "head_dim", "causal", "max_rel_err",
-              "fwd_ms", "fwd_bwd_ms"]
+CPU_FIELDS = ["impl", "batch", "seq_len", "heads", "head_dim", "causal", "window", "bias",
+              "max_rel_err", "fwd_ms", "fwd_bwd_ms"]
 
 
 def run_cpu_check(args):
-    """Interpreter run on tiny shapes: errors vs the jnp reference, and timings."""
+    """Interpreter run on tiny shapes: errors vs the jnp reference (gradients included, the
+    bias's with --bias grad), and timings."""
     rows = []
     b, h, d = 2, 4, 32
+    n_diff = 4 if args.bias == "grad" else 3  # differentiated: q, k, v (and the bias)
+
+    def outputs_and_grads(f, q, k, v, do, bias):
+        operands = (q, k, v, bias)
+        o, vjp = jax.vjp(lambda *p: f(*p, *operands[len(p):]), *operands[:n_diff])
+        return (o,) + tuple(vjp(do))
+
     for t in args.cpu_seq_lens:
         for causal in (False, True):
-            sets = _random_inputs(jax.random.key(t), b, t, h, h, d, jnp.float32, 2)
-            q, k, v, do = sets[0]
-            ref_f = lambda q, k, v, c=causal: kernels.reference_attention(q, k, v, causal=c)  # noqa: E731
-            ref_o, ref_vjp = jax.vjp(ref_f, q, k, v)
-            ref_g = ref_vjp(do)
+            if args.window and not causal:
+                continue
+            sets = _random_inputs(jax.random.key(t), b, t, h, h, d, jnp.float32, 2, args.bias)
+            want = outputs_and_grads(_impl_fn("xla", causal, args.window), *sets[0])
             for impl in ("triton_flash", "xla_triton_softmax"):
-                f = _impl_fn(impl, causal)
-                o, vjp = jax.vjp(f, q, k, v)
-                g = vjp(do)
+                f = _impl_fn(impl, causal, args.window)
+                got = outputs_and_grads(f, *sets[0])
                 err = max(float(jnp.linalg.norm((x - y).ravel()) / jnp.linalg.norm(y.ravel()))
-                          for x, y in zip((o,) + tuple(g), (ref_o,) + tuple(ref_g)))
-
-                def loss(q, k, v, do, f=f):
-                    return jnp.sum(f(q, k, v) * do)
-
+                          for x, y in zip(got, want))
                 fwd = jax.jit(f)
-                fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+                fwd_bwd = jax.jit(functools.partial(outputs_and_grads, f))
                 row = dict(impl=impl, batch=b, seq_len=t, heads=h, head_dim=d, causal=causal,
-                           max_rel_err=err,
-                           fwd_ms=1e3 * _time(fwd, [s[:3] for s in sets], 1, args.cpu_repeats),
+                           window=args.window, bias=args.bias, max_rel_err=err,
+                           fwd_ms=1e3 * _time(fwd, [s[:3] + s[4:] for s in sets], 1,
+                                              args.cpu_repeats),
                            fwd_bwd_ms=1e3 * _time(fwd_bwd, sets, 1, args.cpu_repeats))
                 if not rows:
                     print("  ".join(CPU_FIELDS))
@@ -283,6 +321,11 @@ def main(argv=None):
                                                for x in s.split(",")],
                    default=[False, True], help="comma list, e.g. 'false,true'")
     p.add_argument("--impls", type=lambda s: [x for x in s.split(",") if x], default=list(IMPLS))
+    p.add_argument("--window", type=int, default=0,
+                   help="sliding window W > 0 (causal rows only); 0: full attention")
+    p.add_argument("--bias", default="none", choices=["none", "const", "grad"],
+                   help="additive fp32 [1, heads, T, T] bias: none, without (const) or with "
+                        "(grad) its gradient")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cpu-repeats", type=int, default=3)
@@ -298,6 +341,8 @@ def main(argv=None):
     for impl in args.impls:
         if impl not in IMPLS:
             p.error(f"unknown implementation {impl!r}; choose from {IMPLS}")
+    if args.window < 0:
+        p.error(f"--window={args.window}: expected 0 (full) or a positive window")
 
     backend = jax.default_backend()
     print(f"jax {jax.__version__}, backend {backend}, devices {jax.devices()}")

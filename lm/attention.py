@@ -92,12 +92,11 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=causal,
         local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
-  if window or bias is not None:  # kernels/ gains window and bias in issues 15 and 18
-    raise NotImplementedError(f"attention_impl={impl!r} does not take window/bias yet")
   import kernels  # imported lazily: the xla path never needs Triton
   fn = kernels.flash_attention if impl == "triton" else kernels.fused_softmax_attention
   # A custom call cannot partition itself: under a mesh, shard_map it over batch and heads.
-  return sharding.shard_heads(fn, q, k, v, rules=rules, causal=causal, segment_ids=segment_ids)
+  return sharding.shard_heads(fn, q, k, v, rules=rules, causal=causal, segment_ids=segment_ids,
+                              bias=bias, window=window)
 
 
 def _segment_pair(segment_ids):

@@ -153,19 +153,24 @@ def constrain(x, axes, rules=DEFAULT_RULES):
       x, P(*(_fit(e, d, mesh) for e, d in zip(spec, x.shape))))
 
 
-def shard_heads(kernel, q, k, v, *, rules=DEFAULT_RULES, segment_ids=None, **kwargs):
-  """`kernel(q, k, v, segment_ids=..., **kwargs)` run by every device on its own shard.
+def shard_heads(kernel, q, k, v, *, rules=DEFAULT_RULES, segment_ids=None, bias=None,
+                **kwargs):
+  """`kernel(q, k, v, segment_ids=..., bias=..., **kwargs)` run by every device on its shard.
 
   A Triton custom call (or the interpreter's pure_callback) cannot be partitioned by XLA,
   which would all-gather q, k, v and run it whole everywhere. Attention is independent per
   (batch row, head), so shard_map splits batch over the mesh axes of "batch" and heads (query
   and key/value alike) over those of "heads" (by `rules`) and calls the kernel on the local
   blocks.
-  q [B, T, H, D], k/v [B, S, KVH, D], segment_ids None, [B, T] or a pair ([B, T], [B, S]).
+  q [B, T, H, D], k/v [B, S, KVH, D], segment_ids None, [B, T] or a pair ([B, T], [B, S]);
+  bias None or [1 or B, H, T, S], split like the heads (and like the batch when it has B
+  rows; a batch-1 bias is whole on every device). `bias` is passed to the kernel only when
+  given (kernels without one keep working).
   """
+  extra = {} if bias is None else {"bias": bias}
   mesh = _active_mesh()
   if mesh is None:
-    return kernel(q, k, v, segment_ids=segment_ids, **kwargs)
+    return kernel(q, k, v, segment_ids=segment_ids, **extra, **kwargs)
   batch = _fit(logical_to_spec(("batch",), rules)[0], q.shape[0], mesh)
   heads = _mesh_axes(logical_to_spec(("heads",), rules)[0], mesh)
   n = math.prod(mesh.shape[a] for a in heads)
@@ -177,13 +182,18 @@ def shard_heads(kernel, q, k, v, *, rules=DEFAULT_RULES, segment_ids=None, **kwa
   heads = heads or None
   qkv = P(batch, None, heads, None)
   seg = P(batch, None)
-  if segment_ids is None:
-    fn = lambda q, k, v: kernel(q, k, v, segment_ids=None, **kwargs)
-    args, specs = (q, k, v), (qkv, qkv, qkv)
-  elif isinstance(segment_ids, (tuple, list)):
-    fn = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=(qs, ks), **kwargs)
-    args, specs = (q, k, v, *segment_ids), (qkv, qkv, qkv, seg, seg)
-  else:
-    fn = lambda q, k, v, s: kernel(q, k, v, segment_ids=s, **kwargs)
-    args, specs = (q, k, v, segment_ids), (qkv, qkv, qkv, seg)
-  return jax.shard_map(fn, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+  # the optional operands travel as a dict (a pytree: its specs are a dict of the same keys)
+  opt, opt_specs = {}, {}
+  if isinstance(segment_ids, (tuple, list)):
+    opt["segment_ids"], opt_specs["segment_ids"] = tuple(segment_ids), (seg, seg)
+  elif segment_ids is not None:
+    opt["segment_ids"], opt_specs["segment_ids"] = segment_ids, seg
+  if bias is not None:
+    opt["bias"] = bias
+    opt_specs["bias"] = P(batch if bias.shape[0] > 1 else None, heads, None, None)
+
+  def fn(q, k, v, opt):
+    return kernel(q, k, v, **{"segment_ids": None, **opt}, **kwargs)
+
+  return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, opt_specs), out_specs=qkv,
+                       check_vma=False)(q, k, v, opt)

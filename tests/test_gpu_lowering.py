@@ -9,6 +9,8 @@ assemble its PTX with Triton's bundled ptxas (``backend.make_cubin``), and check
 
 * the custom calls are there (one in the forward; forward, preprocess, dK/dV
   and dQ in the flash gradient; forward and backward for the fused softmax);
+* with an attention bias and a sliding window too; the backward computes dBias
+  only for a differentiated bias;
 * every configuration assembles;
 * every one fits an H100's shared memory (227 KiB per block; the compiler
   does not enforce it);
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # about 75 s of CPU: every configuration is compiled
+pytestmark = pytest.mark.slow  # about 2 min of CPU: every configuration is compiled
 
 jt_lib = pytest.importorskip("jax_triton.triton_lib", reason="needs jax-triton (the test extra)")
 
@@ -45,25 +47,34 @@ from tests.test_kernels import scalar_probe  # noqa: E402
 H100_SHARED_BYTES = 227 * 1024  # max dynamic shared memory per block on sm_90
 _CUSTOM_CALL = "stablehlo.custom_call @triton_kernel_call"
 
-# (name, dtype, head_dim, causal, segments, num_heads, num_kv_heads).  Chosen to
-# cover bf16/fp32, causal or not, GQA, segment ids and several head dims
-# without compiling the same kernel specialisation twice (num_kv_heads = 1
-# would be specialised by jax-triton as a constant: avoided).  bf16 cases
-# compile every autotune configuration; fp32 uses one fixed tile on the GPU
-# (kernels/flash.py, _GPU_FP32).
+# (name, dtype, head_dim, causal, segments, num_heads, num_kv_heads, window, bias).  Chosen
+# to cover bf16/fp32, causal or not, GQA, segment ids, several head dims, a sliding window
+# and an additive bias with and without a gradient (bias: None, "grad": fp32 [1, H, T, T]
+# differentiated, "const": bf16 [B, H, T, T] not differentiated) without compiling the same
+# kernel specialisation twice (num_kv_heads = 1 would be specialised by jax-triton as a
+# constant: avoided).  bf16 cases compile every autotune configuration; fp32 uses one
+# fixed tile on the GPU (kernels/flash.py, _GPU_FP32).
 FLASH_CASES = [
-    ("bf16-d128-causal-seg-gqa", jnp.bfloat16, 128, True, True, 8, 2),
-    ("bf16-d64", jnp.bfloat16, 64, False, False, 4, 4),
-    ("fp32-d64-causal-seg-gqa", jnp.float32, 64, True, True, 4, 2),
-    ("fp32-d128", jnp.float32, 128, False, False, 4, 4),
-    ("bf16-d80-causal-gqa", jnp.bfloat16, 80, True, False, 4, 2),  # padded to a 128 tile
+    ("bf16-d128-causal-seg-gqa", jnp.bfloat16, 128, True, True, 8, 2, 0, None),
+    ("bf16-d64", jnp.bfloat16, 64, False, False, 4, 4, 0, None),
+    ("fp32-d64-causal-seg-gqa", jnp.float32, 64, True, True, 4, 2, 0, None),
+    ("fp32-d128", jnp.float32, 128, False, False, 4, 4, 0, None),
+    ("bf16-d80-causal-gqa", jnp.bfloat16, 80, True, False, 4, 2, 0, None),  # padded to 128
+    # the largest tiles with a bias tile on top: every configuration must still fit
+    ("bf16-d128-causal-window-biasgrad-gqa", jnp.bfloat16, 128, True, True, 8, 2, 64, "grad"),
+    ("bf16-d64-biasconst", jnp.bfloat16, 64, False, False, 4, 4, 0, "const"),
+    ("bf16-d256-causal-window-biasgrad-gqa", jnp.bfloat16, 256, True, False, 4, 2, 128, "grad"),
 ]
-# Lowered with one fixed configuration (KERNELS_AUTOTUNE=0) to save ~40 s of compiling: its
-# padded 128-wide tiles are the d128 case's, whose every configuration is compiled above.
-FIXED_CONFIG_CASES = {"bf16-d80-causal-gqa"}
+# Lowered with one fixed configuration (KERNELS_AUTOTUNE=0) to save compiling: d80's padded
+# 128-wide tiles are the d128 case's, whose every configuration is compiled above (~40 s);
+# the constant bias's kernels differ from the differentiated one's only by BIAS_GRAD; d256
+# with a bias has 1 forward and 2 backward configurations, all checked once (BUILD_NOTES.md).
+FIXED_CONFIG_CASES = {"bf16-d80-causal-gqa", "bf16-d64-biasconst",
+                      "bf16-d256-causal-window-biasgrad-gqa"}
 FUSED_CASES = [
-    ("bf16-d128-causal-seg-gqa", jnp.bfloat16, 128, True, True, 8, 2),
-    ("fp32-d64", jnp.float32, 64, False, False, 4, 4),
+    ("bf16-d128-causal-seg-gqa", jnp.bfloat16, 128, True, True, 8, 2, 0, None),
+    ("fp32-d64", jnp.float32, 64, False, False, 4, 4, 0, None),
+    ("bf16-d64-causal-window-biasgrad", jnp.bfloat16, 64, True, False, 4, 2, 32, "grad"),
 ]
 SEQ = 256
 
@@ -74,6 +85,7 @@ class _Recorder:
   def __init__(self):
     self.compiled = []  # dicts: kernel, warps, stages, shared, ptx, options, backend
     self.called = []    # kernel names, in lowering order
+    self.metas = []     # their constexprs (and first operand's dtype), in the same order
     self._meta = {}     # constexprs of the kernel being compiled
 
   @contextlib.contextmanager
@@ -92,6 +104,7 @@ class _Recorder:
     def get_or_create_triton_kernel(backend_init, platform, fn, *args, **kwargs):
       self.called.append(fn.__name__)
       self._meta = dict(kwargs.get("metaparams", {}), dtype=args[0][0].lstrip("*"))
+      self.metas.append(self._meta)
       return get_orig(backend_init, platform, fn, *args, **kwargs)
 
     monkeypatch.setattr(jt_lib, "compile_ttir_inplace", compile_ttir_inplace)
@@ -99,13 +112,17 @@ class _Recorder:
     yield self
 
 
-def _inputs(dtype, d, h, kvh, seg):
-  ks = jax.random.split(jax.random.key(0), 3)
+def _inputs(dtype, d, h, kvh, seg, bias):
+  ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (2, SEQ, h, d), dtype)
   k = jax.random.normal(ks[1], (2, SEQ, kvh, d), dtype)
   v = jax.random.normal(ks[2], (2, SEQ, kvh, d), dtype)
   segs = jnp.asarray(np.repeat(np.arange(SEQ)[None] // 100, 2, 0).astype(np.int32)) if seg else None
-  return q, k, v, segs
+  if bias == "grad":
+    bias = jax.random.normal(ks[3], (1, h, SEQ, SEQ), jnp.float32)
+  elif bias == "const":
+    bias = jax.random.normal(ks[3], (2, h, SEQ, SEQ), jnp.bfloat16)
+  return q, k, v, segs, bias
 
 
 def _lower_cuda(f, *args):
@@ -140,32 +157,37 @@ def lowered():
   with pytest.MonkeyPatch.context() as mp, rec.install(mp):
     for family, attention, cases in (("flash", kernels.flash_attention, FLASH_CASES),
                                      ("fused", kernels.fused_softmax_attention, FUSED_CASES)):
-      for name, dtype, d, causal, seg, h, kvh in cases:
-        q, k, v, segs = _inputs(dtype, d, h, kvh, seg)
+      for name, dtype, d, causal, seg, h, kvh, window, bias_kind in cases:
+        q, k, v, segs, bias = _inputs(dtype, d, h, kvh, seg, bias_kind)
         mp.setenv("KERNELS_AUTOTUNE", "0" if name in FIXED_CONFIG_CASES else "1")  # flash only
 
-        def fwd(q, k, v, segs=segs, causal=causal, attention=attention):
-          return attention(q, k, v, causal=causal, segment_ids=segs)
+        def fwd(q, k, v, bias, segs=segs, causal=causal, window=window, attention=attention):
+          return attention(q, k, v, causal=causal, segment_ids=segs, window=window, bias=bias)
 
-        def loss(q, k, v, fwd=fwd):
-          return jnp.sum(fwd(q, k, v).astype(jnp.float32) ** 2)
+        def loss(q, k, v, bias, fwd=fwd):
+          return jnp.sum(fwd(q, k, v, bias).astype(jnp.float32) ** 2)
 
-        for kind, f in (("fwd", fwd), ("grad", jax.grad(loss, argnums=(0, 1, 2)))):
+        # the bias is an argument of the lowered function either way; "const" is not
+        # differentiated, so its backward must not compute dBias
+        argnums = (0, 1, 2, 3) if bias_kind == "grad" else (0, 1, 2)
+        for kind, f in (("fwd", fwd), ("grad", jax.grad(loss, argnums=argnums))):
           start = len(rec.called)
-          text = _lower_cuda(f, q, k, v)
-          calls[(family, name, kind)] = (text.count(_CUSTOM_CALL), rec.called[start:])
+          text = _lower_cuda(f, q, k, v, bias)
+          calls[(family, name, kind)] = (text.count(_CUSTOM_CALL), rec.called[start:],
+                                         rec.metas[start:])
   compiled = rec.compiled
   for entry in compiled:  # sequential: make_cubin prints its log to sys.stdout
     entry["registers"], entry["spill_bytes"] = _ptxas(entry)
   report = os.environ.get("KERNELS_LOWERING_REPORT")
   if report:
     with open(report, "w") as f:
-      f.write("kernel,dtype,head_dim,causal,segments,block_m,block_n,block_r,warps,stages,"
-              "shared_bytes,registers,spill_bytes\n")
+      f.write("kernel,dtype,head_dim,causal,segments,bias,bias_grad,window,block_m,block_n,"
+              "block_r,warps,stages,shared_bytes,registers,spill_bytes\n")
       for e in compiled:
         m = e["meta"]
         f.write(f"{e['kernel']},{m['dtype']},{m.get('HEAD_DIM', '')},{m.get('CAUSAL', '')},"
-                f"{m.get('HAS_SEG', '')},{m.get('BLOCK_M', '')},{m.get('BLOCK_N', '')},"
+                f"{m.get('HAS_SEG', '')},{m.get('HAS_BIAS', '')},{m.get('BIAS_GRAD', '')},"
+                f"{m.get('WINDOWED', '')},{m.get('BLOCK_M', '')},{m.get('BLOCK_N', '')},"
                 f"{m.get('BLOCK_R', '')},{e['warps']},{e['stages']},{e['shared']},"
                 f"{e['registers']},{e['spill_bytes']}\n")
   return calls, compiled
@@ -177,7 +199,7 @@ _FLASH_GRAD_KERNELS = ["_flash_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel
 
 def test_custom_calls_present(lowered):
   calls, _ = lowered
-  for (impl, name, kind), (n_calls, kernel_names) in calls.items():
+  for (impl, name, kind), (n_calls, kernel_names, _) in calls.items():
     if impl == "flash":
       want = ["_flash_fwd_kernel"] if kind == "fwd" else _FLASH_GRAD_KERNELS
     else:
@@ -186,6 +208,25 @@ def test_custom_calls_present(lowered):
     assert n_calls == len(want), (impl, name, kind, n_calls)
     # one compile request per autotune configuration of each kernel
     assert set(kernel_names) == set(want), (impl, name, kind, kernel_names)
+
+
+def test_bias_gradient_only_when_differentiated(lowered):
+  """The backward writes dBias (BIAS_GRAD) only for a differentiated bias; the window and
+  bias reach the kernels as constexpr flags (HAS_BIAS, WINDOWED)."""
+  calls, _ = lowered
+  seen = set()
+  for family, cases in (("flash", FLASH_CASES), ("fused", FUSED_CASES)):
+    bwd_kernel = "_bwd_dq_kernel" if family == "flash" else "_softmax_bwd_kernel"
+    for name, *_, window, bias_kind in cases:
+      _, names, metas = calls[(family, name, "grad")]
+      for kernel, meta in zip(names, metas):
+        if kernel == bwd_kernel:
+          assert meta["BIAS_GRAD"] == (bias_kind == "grad"), (family, name, meta)
+          seen.add((family, meta["BIAS_GRAD"]))
+        if kernel in ("_flash_fwd_kernel", "_softmax_fwd_kernel"):
+          assert meta["HAS_BIAS"] == (bias_kind is not None), (family, name, meta)
+          assert meta["WINDOWED"] == (window > 0), (family, name, meta)
+  assert seen == {("flash", True), ("flash", False), ("fused", True), ("fused", False)}
 
 
 def test_every_configuration_assembles_and_fits_h100_shared_memory(lowered):
