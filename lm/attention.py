@@ -62,8 +62,9 @@ def resolve_impl(impl: str, head_dim: int | None = None) -> str:
 
 
 def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=None,
-              window: int = 0, bias=None, rules=sharding.DEFAULT_RULES):
-  """softmax(QK^T/sqrt(d) + bias)V by `impl`, under the masks below.
+              window: int = 0, bias=None, scale: float | None = None,
+              rules=sharding.DEFAULT_RULES):
+  """softmax(QK^T * scale + bias)V by `impl`, under the masks below.
 
   q [B, Tq, H, D]; k, v [B, Tk, KVH, D]. Queries are aligned to the end of the keys (query i
   sits at key position i + Tk - Tq), as when decoding.
@@ -73,7 +74,8 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
   window: 0 (all) or W > 0: a query sees only the last W keys up to and including its own
     position (sliding-window attention, Mistral / Gemma); needs causal=True.
   bias: None or an additive score bias [1 or B, H, Tq, Tk] (T5's relative position bias),
-    added after the 1/sqrt(d) scaling; gradients flow to it.
+    added after the scaling; gradients flow to it.
+  scale: the score scale, default 1/sqrt(D) (T5 uses 1: its init absorbs it).
   `rules` (config.mesh.rules) place the Triton kernels' per-device blocks under a mesh.
   Raises ValueError for a window without causal or a negative window.
   """
@@ -82,7 +84,7 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
   impl = resolve_impl(impl, q.shape[-1])
   if impl == "xla":
     return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
-                         bias=bias)
+                         bias=bias, scale=scale)
   if impl == "cudnn":
     mask = None
     if segment_ids is not None:
@@ -90,13 +92,13 @@ def attention(q, k, v, *, impl: str = "auto", causal: bool = True, segment_ids=N
       mask = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]
     # cuDNN takes GQA natively (k/v with fewer heads); its window counts keys left of the query.
     return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, is_causal=causal,
+        q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal,
         local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
   import kernels  # imported lazily: the xla path never needs Triton
   fn = kernels.flash_attention if impl == "triton" else kernels.fused_softmax_attention
   # A custom call cannot partition itself: under a mesh, shard_map it over batch and heads.
   return sharding.shard_heads(fn, q, k, v, rules=rules, causal=causal, segment_ids=segment_ids,
-                              bias=bias, window=window)
+                              bias=bias, window=window, softmax_scale=scale)
 
 
 def _segment_pair(segment_ids):
@@ -104,7 +106,7 @@ def _segment_pair(segment_ids):
   return segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
 
 
-def _scores(q, k, kv_layout="bskd"):
+def _scores(q, k, kv_layout="bskd", scale=None):
   """QK^T/sqrt(d) per query head, grouping query heads over shared K/V heads (no repeat).
 
   kv_layout names k's axes: "bskd" ([B, Tk, KVH, D], the model's) or "bksd" (the KV cache's)."""
@@ -112,7 +114,7 @@ def _scores(q, k, kv_layout="bskd"):
   kvh = k.shape[kv_layout.index("k")]
   qg = q.reshape(b, tq, kvh, h // kvh, d)
   s = jnp.einsum(f"bqkgd,{kv_layout}->bkgqs", qg, k, preferred_element_type=jnp.float32)
-  return s * (1.0 / jnp.sqrt(d).astype(jnp.float32))
+  return s * (1.0 / jnp.sqrt(d).astype(jnp.float32) if scale is None else jnp.float32(scale))
 
 
 def _weighted_values(p, v, out_shape, dtype, kv_layout="bskd"):
@@ -126,7 +128,7 @@ def _softmax(s, mask):
   return jnp.where(mask, p, 0.0)  # rows with no visible key give zeros
 
 
-def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=0, bias=None):
+def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=0, bias=None, scale=None):
   """The reference semantics of `attention` in plain JAX (fp32 softmax)."""
   b, tq, h, _ = q.shape
   tk = k.shape[1]
@@ -140,7 +142,7 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=0, bias=None
   if segment_ids is not None:
     q_seg, kv_seg = _segment_pair(segment_ids)
     mask &= (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-  s = _scores(q, k)
+  s = _scores(q, k, scale=scale)
   if bias is not None:  # [1|B, H, Tq, Tk] -> the scores' [B, KVH, H/KVH, Tq, Tk]
     kvh = k.shape[2]
     s = s + bias.astype(jnp.float32).reshape(bias.shape[0], kvh, h // kvh, tq, tk)

@@ -404,6 +404,18 @@ def test_attention_entry_point_passes_bias_and_window_to_the_kernels():
         assert rel_err(got, want) < 1e-5, impl
 
 
+def test_attention_entry_point_scale_matches_the_oracle():
+    """attention(scale=...) (T5 scores are unscaled) on every CPU path equals the float64
+    oracle with that scale, not with 1/sqrt(d) (the old entry point had no scale)."""
+    from lm.attention import attention
+    q, k, v, do = make_inputs(251, 1, 13, 13, 2, 2, 16)
+    bias = make_bias(251, 1, 2, 13, 13)
+    want = np_attention(q, k, v, do, causal=False, scale=1.0, bias=bias)[0]
+    for impl in ("xla", "triton", "triton_softmax"):
+        got = attention(q, k, v, impl=impl, causal=False, bias=bias, scale=1.0)
+        assert rel_err(got, want) < 1e-5, impl
+
+
 def test_padding_rows_give_zero_output_and_zero_gradients():
     b, t, h, d = 2, 24, 2, 32
     q, k, v, do = make_inputs(40, b, t, t, h, 1, d)
