@@ -146,7 +146,7 @@ class Beams(NamedTuple):
 
 
 def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, length_penalty,
-                early_stopping: bool, stop_token) -> Beams:
+                early_stopping, stop_token) -> Beams:
   """Beam search over a step function, inside a trace (one `lax.while_loop`).
 
   logits [B, V] fp32: the next-token logits after each prompt; cache: the model's state after
@@ -157,8 +157,9 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
   ends in stop_token (traced int; -1: none) and ranks among the K best becomes a finished
   hypothesis scored sum(log p) / length ** length_penalty (length: generated tokens, the stop
   token included); the K best others continue; at max_new_tokens the running beams finish.
-  A prompt is done once it has K finished hypotheses and, without early_stopping, no running
-  beam can still beat the worst of them (an exact bound: log-probabilities only decrease).
+  A prompt is done once it has K finished hypotheses and, without early_stopping (a traced
+  bool), no running beam can still beat the worst of them (an exact bound: log-probabilities
+  only decrease; Hugging Face's early_stopping="never", where its False is a heuristic).
   Returns the K best hypotheses per prompt (Beams).
   """
   b, v = logits.shape
@@ -211,7 +212,7 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
   return jax.lax.while_loop(cond, body, carry)[5]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _beam_generate(graphdef, state, tokens, valid, max_new_tokens, num_beams, early_stopping,
                    length_penalty, stop_token):
   model = nnx.merge(graphdef, state)
@@ -331,7 +332,7 @@ def beam_generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_ne
   tokens, valid = left_pad(prompts)
   graphdef, state = nnx.split(model)
   beams = _beam_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
-                         max_new_tokens, num_beams, bool(early_stopping),
+                         max_new_tokens, num_beams, jnp.bool_(early_stopping),
                          jnp.float32(length_penalty),
                          jnp.int32(-1 if stop_token is None else stop_token))
   tokens, scores, lengths = map(np.asarray, beams)
