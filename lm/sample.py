@@ -169,7 +169,8 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
   # The K copies of a prompt are equal: only the first is live at the first step.
   run_sum = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, k))
   run_tok = jnp.zeros((b, k, n), jnp.int32)
-  fin = Beams(jnp.zeros((b, k, n), jnp.int32), jnp.full((b, k), -jnp.inf), jnp.zeros((b, k), jnp.int32))
+  fin = Beams(jnp.zeros((b, k, n), jnp.int32), jnp.full((b, k), -jnp.inf),
+              jnp.zeros((b, k), jnp.int32))
   penalty = lambda length: jnp.asarray(length, jnp.float32) ** length_penalty
 
   def cond(carry):
@@ -183,7 +184,7 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
     beam, tok = idx // v, (idx % v).astype(jnp.int32)
     seqs = jnp.take_along_axis(run_tok, beam[:, :, None], 1).at[:, :, i].set(tok)  # [B, 2K, n]
     stops = tok == stop_token
-    # The K best continuations without a stop token run on (a stable sort puts them first).
+    # The K best continuations without a stop token run on (sorted by (is stop, rank)).
     order = jnp.argsort(jnp.where(stops, 2 * k, 0) + jnp.arange(2 * k), -1)[:, :k]
     goes_on = jnp.zeros_like(stops).at[rows, order].set(True)
     finishing = (stops & (jnp.arange(2 * k) < k)) | (goes_on & (i + 1 == n))

@@ -119,7 +119,8 @@ def test_trained_window(meta, want):
 
 def test_eval_defaults_to_the_trained_window(tmp_path, make_config):
   """A run trained on 32-token windows, evaluated on 64: auto (-1) is the trained window 32,
-  an explicit 0 is full attention, with another loss. Failed before: no field, and full attention at 64."""
+  an explicit 0 is full attention, with another loss. Failed before: no field, and full
+  attention at 64."""
   from lm.tasks import lm as lm_task
   config = make_config(**{"train.num_steps": 10, "train.eval_every": 10,
                           "train.checkpoint_every": 10})
