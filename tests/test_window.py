@@ -77,19 +77,23 @@ def greedy_by_forward(model, prompt, n):
 
 def test_generation_past_max_seq_len_with_rotary_window_is_greedy_by_forward():
   """generate() with the rolling cache (its prompt-only padding mask and positions) runs
-  3 x max_seq_len tokens and equals greedy decoding by full windowed forward passes; a stop
-  token still cuts. Failed before: 'exceeds the model's context' for any such length."""
+  3 x max_seq_len tokens and equals greedy decoding by full windowed forward passes, for each
+  of num_return_sequences=2 copies; a stop token still cuts. Failed before: 'exceeds the model's context' for any such length."""
   model = random_model(32, attention_window=4, max_seq_len=12)
   rng = np.random.default_rng(32)
   prompts = [rng.integers(0, VOCAB, n) for n in (2, 7)]
-  out = sample_lib.generate(model, prompts, max_new_tokens=36, temperature=0.0)
+  gen = lambda **kw: sample_lib.generate(model, prompts, max_new_tokens=36, temperature=0.0,
+                                         num_return_sequences=2, **kw)
+  out = gen()
   for prompt, seqs in zip(prompts, out):
-    np.testing.assert_array_equal(seqs[0], greedy_by_forward(model, prompt, 36))
+    want = greedy_by_forward(model, prompt, 36)
+    for seq in seqs:
+      np.testing.assert_array_equal(seq, want)
   stop = int(out[1][0][20])
-  cut = sample_lib.generate(model, prompts, max_new_tokens=36, temperature=0.0, stop_token=stop)
-  for g, c in zip(out, cut):
+  for g, c in zip(out, gen(stop_token=stop)):
     n = int(np.argmax(g[0] == stop)) if (g[0] == stop).any() else 36
-    np.testing.assert_array_equal(c[0], g[0][:n])
+    for seq in c:
+      np.testing.assert_array_equal(seq, g[0][:n])
 
 
 def test_learned_positions_and_full_attention_stop_at_max_seq_len():
