@@ -145,6 +145,18 @@ class Beams(NamedTuple):
   lengths: jax.Array
 
 
+def _keep_best(fin: Beams, new: Beams, frozen) -> Beams:
+  """The K best of the finished hypotheses `fin` [B, K] and the candidates `new` [B, 2K]
+  (-inf: not finished), best first; rows where `frozen` [B] keep `fin`."""
+  scores, pick = jax.lax.top_k(jnp.concatenate([fin.scores, new.scores], -1),
+                               fin.scores.shape[1])
+  take = lambda a, b: jnp.take_along_axis(jnp.concatenate([a, b], 1),
+                                          pick.reshape(*pick.shape, *[1] * (a.ndim - 2)), 1)
+  best = Beams(take(fin.tokens, new.tokens), scores, take(fin.lengths, new.lengths))
+  return jax.tree.map(lambda old, m: jnp.where(frozen.reshape(-1, *[1] * (m.ndim - 1)), old, m),
+                      fin, best)
+
+
 def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, length_penalty,
                 early_stopping, stop_token) -> Beams:
   """Beam search over a step function, inside a trace (one `lax.while_loop`).
@@ -189,13 +201,7 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
     goes_on = jnp.zeros_like(stops).at[rows, order].set(True)
     finishing = (stops & (jnp.arange(2 * k) < k)) | (goes_on & (i + 1 == n))
     new = jnp.where(finishing & jnp.isfinite(top), top / penalty(i + 1), -jnp.inf)
-    scores, pick = jax.lax.top_k(jnp.concatenate([fin.scores, new], -1), k)
-    merged = Beams(
-        jnp.take_along_axis(jnp.concatenate([fin.tokens, seqs], 1), pick[:, :, None], 1), scores,
-        jnp.take_along_axis(jnp.concatenate([fin.lengths, jnp.full_like(new, i + 1, jnp.int32)],
-                                            -1), pick, -1))
-    fin = jax.tree.map(lambda old, m: jnp.where(done.reshape(-1, *[1] * (m.ndim - 1)), old, m),
-                       fin, merged)
+    fin = _keep_best(fin, Beams(seqs, new, jnp.full_like(new, i + 1, jnp.int32)), done)
     run_sum = jnp.take_along_axis(top, order, -1)
     run_tok = jnp.take_along_axis(seqs, order[:, :, None], 1)
     src = (rows * k + jnp.take_along_axis(beam, order, -1)).reshape(-1)
