@@ -36,6 +36,7 @@ flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens (0: a
 flags.DEFINE_float("top_p", None, "sample: nucleus mass in (0, 1].")
 flags.DEFINE_integer("seed", None, "sample: random seed.")
 flags.DEFINE_integer("stop_token", None, "sample: end a sequence at this token id (-1: none).")
+flags.DEFINE_integer("num_beams", None, "sample: beam search with this many beams (1: sampling).")
 flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index.")
@@ -172,7 +173,8 @@ def with_sample_flags(config):
   """The config with --prompt, --temperature, ... written into config.sample (validated with
   the rest)."""
   overrides = {k: getattr(FLAGS, k) for k in ("num_samples", "max_new_tokens", "temperature",
-                                              "top_k", "top_p", "seed", "prompt", "stop_token")
+                                              "top_k", "top_p", "seed", "prompt", "stop_token",
+                                              "num_beams")
                if getattr(FLAGS, k) is not None}
   if not overrides:
     return config

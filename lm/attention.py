@@ -150,16 +150,35 @@ def xla_attention(q, k, v, *, causal=True, segment_ids=None, window=0, bias=None
   return _weighted_values(p, v, q.shape, q.dtype)
 
 
-def cached_attention(q, k_cache, v_cache, cache_index, valid):
-  """Attention of a chunk of queries written at `cache_index` over the whole KV cache.
+def slot_times(cache_index, slots: int):
+  """[slots] int32: the time each slot of a rolling KV cache holds before a chunk is written
+  at `cache_index`: the latest t < cache_index with t % slots == slot; negative if none."""
+  return cache_index - 1 - jnp.mod(cache_index - 1 - jnp.arange(slots), slots)
 
-  q [B, Tq, H, D]; the caches are head-major [B, KVH, max_len, D] (see layers.LayerCache).
-  valid [B, max_len] (nonzero = a real token) hides left padding; later slots are hidden by
-  causality, so stale cache contents are never read.
+
+def cached_attention(q, k, v, k_cache, v_cache, cache_index, valid, window: int = 0):
+  """Attention of a chunk of queries at times cache_index, cache_index + 1, ... over the keys
+  before it (a rolling KV cache, as it was before the chunk) and the chunk's own keys.
+
+  q [B, T, H, D]; k, v [B, T, KVH, D] (the chunk's); the caches are head-major
+  [B, KVH, slots, D] (see layers.LayerCache): slot s holds the latest earlier time t with
+  t % slots == s, so `slots` must be at least the window (or cover every time, without one).
+  valid [B, L]: nonzero at real tokens, by time; times from L on are real (left padding sits
+  in the prompt only). window: as attention(); 0 = all cached keys.
+  Returns [B, T, H, D] in q's dtype.
   """
-  tq, tk = q.shape[1], k_cache.shape[2]
-  q_pos = cache_index + jnp.arange(tq)
-  mask = (q_pos[:, None] >= jnp.arange(tk)[None, :])[None, None, None]
-  mask &= (valid != 0)[:, None, None, None, :]
-  p = _softmax(_scores(q, k_cache, "bksd"), mask)
-  return _weighted_values(p, v_cache, q.shape, q.dtype, "bksd")
+  b, t = q.shape[:2]
+  slots = k_cache.shape[2]
+  q_time = cache_index + jnp.arange(t)
+  k_time = jnp.concatenate([slot_times(cache_index, slots), q_time])  # [slots + T]
+  mask = (k_time[None, :] <= q_time[:, None]) & (k_time[None, :] >= 0)
+  if window:
+    mask &= q_time[:, None] - k_time[None, :] < window
+  n = valid.shape[1]
+  real = jnp.where(k_time < n, jnp.take(valid, jnp.clip(k_time, 0, n - 1), axis=1) != 0, True)
+  mask = (mask[None] & real[:, None, :])[:, None, None]  # [B, 1, 1, T, slots + T]
+  s = jnp.concatenate([_scores(q, k_cache, "bksd"), _scores(q, k)], -1)
+  p = _softmax(s, mask)
+  out = (_weighted_values(p[..., :slots], v_cache, q.shape, jnp.float32, "bksd")
+         + _weighted_values(p[..., slots:], v, q.shape, jnp.float32))
+  return out.astype(q.dtype)

@@ -54,6 +54,10 @@ def _model() -> ml_collections.ConfigDict:
   model.rope_scaling = ""  # "" | "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,..."
   model.dtype = "float32"  # compute dtype: bfloat16 on GPU
   model.num_classes = 0  # > 0 adds a sequence-classification head
+  # Sliding-window attention: 0 full, W > 0 the last W keys, -1 (auto) the window the run was
+  # trained with: data.seq_len in training (full attention over its windows), and in eval and
+  # sampling the checkpoint's (its window, or its training data.seq_len). A runtime field.
+  model.attention_window = -1
   return model
 
 def _data() -> ml_collections.ConfigDict:
@@ -107,6 +111,9 @@ def _sample() -> ml_collections.ConfigDict:
   sample.top_p = 1.0
   sample.prompt = ""
   sample.seed = 0
+  sample.num_beams = 1  # > 1: beam search (deterministic; temperature, top_k, top_p unused)
+  sample.length_penalty = 1.0  # beam score: sum log p / length ** length_penalty
+  sample.early_stopping = False  # True: a prompt ends at num_beams finished beams
   return sample
 
 def model_config(vocab_size: int, **fields):

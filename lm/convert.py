@@ -483,6 +483,7 @@ def run_config(cfg: ModelConfig, base_config=None):
   with config.unlocked():
     for name in checkpoint_fields():
       config.model[name] = getattr(cfg, name)
+    config.model.attention_window = cfg.attention_window  # 0: trained elsewhere, full context
     config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
   return config
 

@@ -26,9 +26,10 @@ from lm import sharding
 # Model fields a run may change on resume, init_from or evaluation: how the model computes,
 # not what it computes. Every other field (checkpoint_fields) is fixed by a checkpoint, so a
 # new field is fixed unless it is added here.
-RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype")
+RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype", "attention_window")
 # What configs and checkpoints written before a field existed meant by its absence (issue 16).
-LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": ""}
+LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": "",
+                   "attention_window": -1}  # -1: auto, the training length (issue 18)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ModelConfig:
   rope_scaling: str  # "" (none) or "llama3:factor=8,low_freq_factor=1,..." (rope_frequencies)
   dtype: str  # activation/compute dtype
   num_classes: int  # > 0 adds a sequence-classification head
+  # 0: full causal attention; W > 0: each query sees the last W keys (sliding window) and the
+  # KV cache keeps W slots. A runtime field: config.model.attention_window -1 (auto) means the
+  # window the run was trained with, resolved before this is built (from_config's auto_window).
+  attention_window: int
 
   def __post_init__(self):
     kv = self.kv_heads
@@ -76,6 +81,9 @@ class ModelConfig:
     if self.positions == "rope" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim (model.d_model / "
                        f"model.num_heads), got {self.head_dim}")
+    if self.attention_window < 0:
+      raise ValueError(f"model.attention_window={self.attention_window}: expected 0 (full) or "
+                       f"a window > 0 (-1, auto, is resolved before the model is built)")
     attention_lib.check_impl(self.attention_impl, self.head_dim)
     parse_rope_scaling(self.rope_scaling)
 
@@ -96,11 +104,14 @@ class ModelConfig:
     return jnp.dtype(self.dtype)
 
   @classmethod
-  def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+  def from_config(cls, model_cfg, vocab_size: int, auto_window: int = 0) -> "ModelConfig":
     """Builds from the ml_collections `config.model` section (or a dict); a field written
     before it existed takes its LEGACY_DEFAULTS value; ValueError naming the first field
-    missing otherwise."""
+    missing otherwise. attention_window -1 (auto) becomes `auto_window`: the training
+    data.seq_len when training (lm.validate.model_config), 0 (full) by default."""
     model_cfg = {**LEGACY_DEFAULTS, **model_cfg}
+    if model_cfg["attention_window"] == -1:
+      model_cfg["attention_window"] = auto_window
     fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
     missing = [f for f in fields if f not in model_cfg]
     if missing:
@@ -229,13 +240,29 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
 
 
 class LayerCache(NamedTuple):
-  """Keys and values of one layer for incremental decoding: [B, kv_heads, max_len, head_dim].
+  """Keys and values of one layer for incremental decoding: [B, kv_heads, slots, head_dim].
 
+  A rolling buffer: the token at time t (its index in the decoded sequence, padding included)
+  lives in slot t % slots, so with a sliding window of W <= slots the cache never grows and
+  generation runs for any number of tokens; without a window, slots covers every time.
   Head-major, so each decode step's attention reads the cache as stored; a [B, len, kv, d]
   cache made XLA transpose all of it every step (cached attention 3-4x slower at batch 16, CPU).
   """
   k: jax.Array
   v: jax.Array
+
+  def write(self, k, v, cache_index) -> "LayerCache":
+    """The cache with a chunk k, v [B, T, kv_heads, head_dim] at times cache_index.. written
+    in (only its last `slots` tokens when T is longer: the others are outside any window)."""
+    def put(c, new):
+      slots, t = c.shape[2], new.shape[1]
+      new = new.astype(c.dtype).transpose(0, 2, 1, 3)
+      if t == 1:  # a decode step: an in-place update slice
+        return jax.lax.dynamic_update_slice_in_dim(c, new, cache_index % slots, 2)
+      keep = min(t, slots)
+      where = (cache_index + t - keep + jnp.arange(keep)) % slots
+      return c.at[:, :, where].set(new[:, :, t - keep:])
+    return LayerCache(put(self.k, k), put(self.v, v))
 
 
 class Attention(nnx.Module):
@@ -267,17 +294,17 @@ class Attention(nnx.Module):
     if cfg.positions == "rope":
       freq = rope_frequencies(cfg)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
+    window = cfg.attention_window
     if cache is None:
+      # A window as long as the sequence masks nothing: leave it out (the kernels' fast path).
       out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=True,
-                                    segment_ids=segment_ids, rules=self.rules)
+                                    segment_ids=segment_ids,
+                                    window=window if window < x.shape[1] else 0, rules=self.rules)
     else:
-      # Decoding: write this chunk at cache_index, attend over the whole (masked) cache.
-      def write(c, new):  # the chunk [B, T, kv, d] goes in at slot cache_index of [B, kv, len, d]
-        return jax.lax.dynamic_update_slice_in_dim(
-            c, new.astype(c.dtype).transpose(0, 2, 1, 3), cache_index, 2)
-      ck, cv = write(cache.k, k), write(cache.v, v)
-      cache = LayerCache(ck, cv)
-      out = attention_lib.cached_attention(q, ck, cv, cache_index, segment_ids)
+      # Decoding: attend over the cache as it was plus the chunk itself, then write the chunk.
+      out = attention_lib.cached_attention(q, k, v, cache.k, cache.v, cache_index, segment_ids,
+                                           window)
+      cache = cache.write(k, v, cache_index)
     out = out.reshape(*out.shape[:-2], -1)
     return dense(out, self.wo, self.bo), cache
 

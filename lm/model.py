@@ -92,8 +92,11 @@ class Transformer(nnx.Module):
     return (last.astype(jnp.float32) @ self.cls_head[...] + self.cls_bias[...])
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> list[LayerCache]:
+    """An empty KV cache for decoding up to max_len tokens (prompt included): one LayerCache
+    per layer of min(max_len, attention_window) slots (max_len without a window)."""
     cfg = self.cfg
-    shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+    slots = min(max_len, cfg.attention_window) if cfg.attention_window else max_len
+    shape = (batch_size, cfg.kv_heads, slots, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
     return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for _ in range(cfg.num_layers)]
@@ -101,8 +104,9 @@ class Transformer(nnx.Module):
   def decode(self, tokens, cache, cache_index, *, positions, segment_ids):
     """Runs a chunk of tokens against the cache (prefill when T > 1, one step when T == 1).
 
-    segment_ids [B, max_len] marks valid cache slots (1) and padding (0) for the whole cache.
-    Returns fp32 logits [B, T, vocab] and the updated cache.
+    cache_index: the time (index in the decoded sequence) of tokens[:, 0]; positions [B, T].
+    segment_ids [B, L] marks real tokens (1) and padding (0) by time; times from L on are
+    real, so it may cover the prompt only. Returns fp32 logits [B, T, vocab] and the cache.
     """
     x, cache = self.hidden(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
                            cache_index=cache_index)

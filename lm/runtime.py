@@ -237,16 +237,33 @@ def load_params_from(run, state: nnx.State, source: str) -> nnx.State:
   return state
 
 
+def trained_window(meta: dict) -> int:
+  """The attention window a checkpoint's model was trained with (its meta: config, ...): its
+  model.attention_window when > 0; 0 (full) when it says 0 or was converted from another
+  library (trained at its whole context); else (-1, auto, or a checkpoint older than the
+  field) its training data.seq_len, the longest span it ever attended over."""
+  window = meta["config"]["model"].get("attention_window", -1)
+  if window >= 0 or "converted_from" in meta:
+    return max(window, 0)
+  return meta["config"]["data"]["seq_len"]
+
+
 def load(config, workdir: str):
   """(run, state, tokenizer, step) of the latest checkpoint in `workdir`.
 
   The fields the checkpoint fixes come from its own config; everything else (data, batch
-  sizes, attention_impl, dtype) from `config`, so one may evaluate on other data or kernels.
+  sizes, attention_impl, dtype, attention_window) from `config`, so one may evaluate on other
+  data or kernels. model.attention_window -1 (auto) becomes trained_window(): evaluating or
+  sampling longer than the training windows keeps each query's keys within the span the model
+  was trained on (issue 18: val loss 1.75 at 64 characters, 2.44 at 256 with full attention).
   """
   ckpt, meta = ckpt_lib.read_meta(workdir)
   config = with_checkpoint_fields(config, meta["config"]["model"], workdir)
   with config.unlocked():
-    if config.data.seq_len > config.model.max_seq_len:  # e.g. a converted GPT-2 of short context
+    if config.model.get("attention_window", -1) == -1:
+      config.model.attention_window = trained_window(meta)
+    if config.data.seq_len > config.model.max_seq_len and \
+        validate.bounded_by_max_seq_len(config.model):  # e.g. a converted GPT-2
       logging.info("data.seq_len %d -> the checkpoint's max_seq_len %d", config.data.seq_len,
                    config.model.max_seq_len)
       config.data.seq_len = config.model.max_seq_len

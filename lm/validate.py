@@ -83,6 +83,8 @@ FIELDS = (
     ("model.rope_scaling", str, _ANY),  # its form: ModelConfig (lm.model.parse_rope_scaling)
     ("model.dtype", str, _one_of(*DTYPES)),
     ("model.num_classes", int, NONNEG),
+    ("model.attention_window", int, ((lambda v: v >= -1), ">= -1 (-1: the trained window, "
+                                                          "0: full)")),
     ("data.path", str, _ANY),
     ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe or the path of a "
                                          "tokenizer.json (or of its directory)")),
@@ -122,14 +124,19 @@ FIELDS = (
     ("sample.prompt", str, _ANY),
     ("sample.seed", int, NONNEG),
     ("sample.stop_token", int, ((lambda v: v >= -1), ">= -1 (-1: none)")),
+    ("sample.num_beams", int, ((lambda v: v >= 1), ">= 1 (1: sampling, no beam search)")),
+    ("sample.length_penalty", float, ((lambda v: abs(v) <= 1e3), "in [-1000, 1000]")),
+    ("sample.early_stopping", bool, _ANY),
     ("classify.min_chars", int, NONNEG),
     ("classify.balanced", bool, _ANY),
     ("classify.genres", str, _ANY),
 )
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
-OPTIONAL = {"sample.stop_token", "classify.min_chars", "classify.balanced",
+OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
+            "sample.early_stopping", "classify.min_chars", "classify.balanced",
             "classify.genres",
-            "model.norm_type", "model.qkv_bias", "model.rope_scaling"}  # absent before issue 16
+            "model.norm_type", "model.qkv_bias", "model.rope_scaling",  # absent before issue 16
+            "model.attention_window"}  # absent before issue 18
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -196,6 +203,10 @@ def check_config(config, mode: str = "train") -> None:
   if tc.batch_size % tc.grad_accum:
     raise UsageError(f"train.batch_size={tc.batch_size}: expected a multiple of "
                      f"train.grad_accum={tc.grad_accum} (the micro-batches are equal)")
+  beams = config.sample.get("num_beams", 1)
+  if beams > 1 and config.sample.num_samples > beams:
+    raise UsageError(f"sample.num_samples={config.sample.num_samples}: expected <= "
+                     f"sample.num_beams={beams} (beam search returns its best beams)")
   if mode == "sample" and config.sample.num_samples < 1:
     raise UsageError(f"sample.num_samples={config.sample.num_samples}: expected an integer >= 1 "
                      f"(--num_samples) to sample")
@@ -211,10 +222,17 @@ def model_config(config, vocab_size: int):
   the context data.seq_len needs); UsageError if they disagree."""
   from lm.model import ModelConfig
   try:
-    cfg = ModelConfig.from_config(config.model, vocab_size)
+    cfg = ModelConfig.from_config(config.model, vocab_size, auto_window=config.data.seq_len)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  if config.data.seq_len > cfg.max_seq_len:
+  if config.data.seq_len > cfg.max_seq_len and bounded_by_max_seq_len(config.model):
     raise UsageError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
                      f"{cfg.max_seq_len}")
   return cfg
+
+
+def bounded_by_max_seq_len(model) -> bool:
+  """Whether sequences of the config.model section `model` must fit in model.max_seq_len:
+  learned positions end there, and so does full attention's trained context; rotary positions
+  under an explicit window (attention_window > 0) run at any length."""
+  return model.positions == "learned" or model.get("attention_window", -1) <= 0
