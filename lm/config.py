@@ -34,6 +34,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _model() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
+  model.arch = "decoder"  # decoder (causal LM) | encoder (BERT: experiments/bert_mlm.py)
   model.num_layers = 4
   model.num_heads = 4
   model.num_kv_heads = 0  # 0: multi-head; fewer than num_heads: grouped-query attention
@@ -44,7 +45,7 @@ def _model() -> ml_collections.ConfigDict:
   model.positions = "rope"  # rope | learned
   model.norm = "pre"  # pre | post
   model.norm_type = "layernorm"  # layernorm | rmsnorm
-  model.mlp = "swiglu"  # gelu | swiglu
+  model.mlp = "swiglu"  # gelu (tanh approximation) | gelu_erf (exact, BERT) | swiglu
   model.use_bias = False  # biases in every dense layer (GPT-2)
   model.qkv_bias = False  # biases on the q, k, v projections only (Qwen2)
   model.tie_embeddings = True
@@ -54,13 +55,16 @@ def _model() -> ml_collections.ConfigDict:
   model.rope_scaling = ""  # "" | "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,..."
   model.dtype = "float32"  # compute dtype: bfloat16 on GPU
   model.num_classes = 0  # > 0 adds a sequence-classification head
+  model.type_vocab_size = 0  # encoder: token-type (segment A/B) embeddings, BERT 2
+  model.mlm_head = False  # encoder: the masked-LM head (dense, GELU, LayerNorm, tied decoder)
+  model.pooler = False  # encoder: dense + tanh on [CLS] (implied by num_classes > 0)
   return model
 
 def _data() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.path = ""  # "": the embedded plays; else text files / glob, *.jsonl, *.bin / *.npy
-  data.tokenizer = "char"  # char | byte | bpe | path to a tokenizer.json
-  data.vocab_size = 1024  # bpe only: the vocabulary to train
+  data.tokenizer = "char"  # char | byte | bpe | wordpiece | path to a tokenizer.json
+  data.vocab_size = 1024  # bpe and wordpiece: the vocabulary to train
   data.seq_len = 64
   data.val_fraction = 0.1
   data.text_field = "text"  # jsonl only
@@ -69,7 +73,7 @@ def _data() -> ml_collections.ConfigDict:
 
 def _train() -> ml_collections.ConfigDict:
   train = ml_collections.ConfigDict()
-  train.task = "lm"  # an objective of lm/tasks/: lm (next token) | classify (genre)
+  train.task = "lm"  # an objective of lm/tasks/: lm (next token) | classify (genre) | mlm
   train.num_steps = 1100
   train.batch_size = 12  # global, over all devices and micro-batches
   train.grad_accum = 1
