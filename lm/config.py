@@ -113,6 +113,19 @@ def _sample() -> ml_collections.ConfigDict:
   sample.seed = 0
   return sample
 
+def bert_model(model: ml_collections.ConfigDict, num_layers=4, num_heads=4, d_model=128,
+               d_ff=512, max_seq_len=128) -> ml_collections.ConfigDict:
+  """`model` (a config's model section) set to BERT's conventions at the given size: an
+  encoder with learned positions, token types A/B, post-LN with eps 1e-12, exact-erf GELU,
+  biases, the MLM head tied to the word embeddings (experiments/bert_*.py, lm.convert)."""
+  model.arch, model.type_vocab_size, model.mlm_head = "encoder", 2, True
+  model.positions, model.norm, model.mlp, model.use_bias = "learned", "post", "gelu_erf", True
+  model.ln_eps, model.tie_embeddings = 1e-12, True
+  model.num_layers, model.num_heads, model.d_model, model.d_ff = num_layers, num_heads, d_model, d_ff
+  model.max_seq_len = max_seq_len
+  return model
+
+
 def model_config(vocab_size: int, **fields):
   """ModelConfig of the default model section with `fields` replaced (tests, lm.convert)."""
   from lm.model import ModelConfig

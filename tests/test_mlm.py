@@ -149,3 +149,38 @@ def test_bad_input_is_one_clear_error(make_config):
     mlm.TASK.load_data(config, None)
   with pytest.raises(UsageError, match="whole_word needs a word-piece"):
     mlm.Masker(tokenizers.CharTokenizer.train("ab", tokenizers.CHAR_SPECIALS), 0.15, True)
+
+
+def test_encoder_classifies_genres_from_scratch_and_from_an_mlm_checkpoint(tmp_path, make_config):
+  """The genre task with the encoder: [CLS] + speech + [SEP] rows, pooled [CLS]; init_from an
+  MLM run loads its encoder (same embeddings) and adds a fresh pooler and head."""
+  import jax
+  from flax import nnx
+  from lm import runtime, tasks
+  from lm.tasks import classify
+  mlm_config = encoder_config(make_config, **{"train.num_steps": 2, "train.checkpoint_every": 2,
+                                              "train.eval_every": 2})
+  runtime.train(mlm_config, str(tmp_path / "mlm"), tasks.get("mlm"))
+  over = {**ENCODER, "train.task": "classify", "model.mlm_head": False, "train.num_steps": 2,
+          "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_batch_size": 64}
+  for init_from in ("", str(tmp_path / "mlm")):
+    config = make_config(**over, **{"train.init_from": init_from})
+    with config.unlocked():
+      config.classify = {"min_chars": 400, "balanced": True, "genres": "comedies,tragedies"}
+    workdir = str(tmp_path / f"cls{bool(init_from)}")
+    out = runtime.train(config, workdir, tasks.get("classify"))
+    assert 0 <= out["val_accuracy"] <= 1 and out["val_examples"] > 10
+    run, state, tok, _ = runtime.load(config, workdir)
+    assert run.model_cfg.arch == "encoder" and run.model_cfg.num_classes == 2
+    data = classify.TASK.eval_data(run.config, tok, None)
+    ids = tok.special_ids
+    assert (data.val_tokens[:, 0] == ids["[CLS]"]).all()
+    rows = np.arange(len(data.val_lengths))
+    assert (data.val_tokens[rows, data.val_lengths - 1] == ids["[SEP]"]).all()
+  src = dict(nnx.to_flat_state(runtime.load(mlm_config, str(tmp_path / "mlm"))[1][0]))
+  got = dict(nnx.to_flat_state(state[0]))
+  assert ("pool_w",) not in src and ("pool_w",) in got
+  # 2 steps at a small lr moved the loaded embeddings only a little from the MLM run's
+  delta = np.abs(np.asarray(jax.device_get(got[("embed",)].get_value()))
+                 - np.asarray(jax.device_get(src[("embed",)].get_value()))).max()
+  assert delta < 0.05

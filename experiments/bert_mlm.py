@@ -1,0 +1,45 @@
+"""A small BERT pre-trained by masked language modelling on the embedded plays (task mlm).
+
+Command:
+  python experiments/run.py --config=experiments/bert_mlm.py --workdir=runs/bert
+  python experiments/run.py --config=experiments/bert_mlm.py --workdir=runs/bert --mode=eval
+Measured: see MEASURED below (filled in from a run; BUILD_NOTES.md has the table).
+The model is BERT's shape at a laptop size: word-piece tokens (4096, trained on the training
+plays, lowercased), learned positions, token-type embeddings, embedding LayerNorm, post-LN
+blocks with exact-erf GELU, the MLM head tied to the word embeddings. Masking: 15% of the
+non-special tokens, 80/10/10 (lm/tasks/mlm.py); `--config.mlm.whole_word` masks whole words.
+`:smoke` is a 30-step plumbing run. Fine-tune it on genre classification with
+experiments/bert_classify.py (`--config.train.init_from=runs/bert`).
+"""
+
+import ml_collections
+
+from lm.config import base_config, bert_model
+
+
+def get_config(arg: str | None = None):
+  config = base_config(arg)
+  bert_model(config.model, num_layers=4, num_heads=4, d_model=128, d_ff=512, max_seq_len=128)
+  config.data.tokenizer = "wordpiece"
+  config.data.vocab_size = 4096
+  config.data.seq_len = 64  # [CLS] + 62 word pieces + [SEP]
+  config.mlm = ml_collections.ConfigDict()
+  config.mlm.mask_prob = 0.15
+  config.mlm.whole_word = False
+  t = config.train
+  t.task = "mlm"
+  t.num_steps = 1000
+  t.batch_size = 32
+  t.learning_rate = 1e-3
+  t.warmup_steps = 100
+  t.weight_decay = 0.01
+  t.log_every = 100
+  t.eval_every = 500
+  t.eval_batches = 8
+  t.eval_batch_size = 64
+  t.checkpoint_every = 500
+  config.sample.num_samples = 0
+  if arg == "smoke":
+    t.num_steps, t.eval_every, t.checkpoint_every, t.log_every = 30, 30, 30, 10
+    t.warmup_steps, t.eval_batches = 10, 2
+  return config
