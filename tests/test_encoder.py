@@ -105,3 +105,87 @@ def test_heads_follow_the_config_and_missing_ones_are_refused():
     bert(arch="bidirectional")
   with pytest.raises(ValueError, match="model.mlm_head=True is for model.arch='encoder'"):
     bert(arch="decoder", type_vocab_size=0, num_classes=0)
+
+
+EIGHT_DEVICE_WORKER = r'''
+import json, sys, types
+import jax, numpy as np
+from flax import nnx
+from experiments import base
+from lm import sharding, tasks, tokenizers, train
+from lm.config import bert_model
+from lm.tasks import mlm
+
+c = base.get_config()
+bert_model(c.model, num_layers=2, num_heads=8, d_model=64, d_ff=128, max_seq_len=32)
+c.model.attention_impl, c.model.num_classes = "xla", 0
+c.data.seq_len, c.train.batch_size, c.train.num_steps, c.train.warmup_steps = 32, 8, 3, 1
+c.train.learning_rate, c.train.adam_eps, c.train.task = 1e-2, 1e-3, "mlm"  # as sharding_worker
+tok = tokenizers.CharTokenizer.train("abcdefghijklmnopqrstuvwxyz", tokenizers.CHAR_SPECIALS)
+masker = mlm.Masker(tok, 0.15, False)
+rng = np.random.default_rng(0)
+batches = []
+for step in range(3):
+  windows = rng.integers(256, 256 + 26, (8, 30))
+  windows[1, 20:] = -1  # a padded row
+  tokens, mask = mlm.wrap(windows, masker.ids, 32)
+  b = masker(tokens, np.random.default_rng(step), mlm.max_predictions(32, 0.15))
+  b["attention_mask"] = mask
+  batches.append({k: v[None] for k, v in b.items()})
+out = {}
+for shape in ((1, 1, 1), (2, 2, 2), (1, 1, 8), (8, 1, 1)):
+  devices = jax.devices()[:1] if shape == (1, 1, 1) else None
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
+                            devices)
+  run = train.make_run(c, tok.vocab_size, mesh=mesh)
+  with jax.set_mesh(mesh):
+    state = train.init_state(run, 0)
+    step_fn = train.make_train_step(run, tasks.get("mlm").loss)
+    losses = []
+    for i, b in enumerate(batches):
+      state, metrics = step_fn(state, train.put_batch(run, b, micro=True), i)
+      losses.append(float(metrics["train_loss"]))
+  params = {"/".join(map(str, p)): np.asarray(v.get_value()).tolist()
+            for p, v in nnx.to_flat_state(state[0])}
+  out[str(shape)] = {"losses": losses, "params": params}
+json.dump(out, open(sys.argv[1], "w"))
+'''
+
+
+@pytest.mark.slow
+def test_encoder_trains_under_8_devices_like_on_one(tmp_path):
+  """MLM steps of an encoder (padding included) on 8 fake CPU devices under data, FSDP,
+  tensor and mixed meshes: the same losses and parameters as on one device."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = tmp_path / "out.json"
+  r = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_WORKER, str(out)], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  result = json.loads(out.read_text())
+  ref = result.pop("(1, 1, 1)")
+  assert ref["losses"][-1] < ref["losses"][0]
+  for shape, got in result.items():
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=shape)
+    for name, want in ref["params"].items():
+      np.testing.assert_allclose(np.asarray(got["params"][name]), np.asarray(want), atol=2e-5,
+                                 err_msg=f"{shape} {name}")
+
+
+def test_checkpoints_from_before_the_encoder_fields_still_resume(make_config):
+  """A checkpoint config without arch, type_vocab_size, mlm_head, pooler is a decoder's
+  (lm.layers.LEGACY_DEFAULTS); without them: "has model.arch=None but the config says ...")."""
+  from lm import runtime
+  config = make_config()
+  saved = config.to_dict()
+  for field in ("arch", "type_vocab_size", "mlm_head", "pooler"):
+    del saved["model"][field]
+  runtime.check_resumable(saved, config)
+  config.model.arch = "encoder"
+  with pytest.raises(UsageError, match="model.arch='decoder' but the config says 'encoder'"):
+    runtime.check_resumable(saved, config)
