@@ -217,6 +217,9 @@ def test_cli_converts_a_bert_with_its_vocab_into_a_run_directory(tmp_path, make_
     assert json.load(f)["train"]["task"] == "mlm"  # what --mode=eval of it evaluates
   assert run.model_cfg.arch == "encoder" and run.model_cfg.mlm_head
   assert tok.kind == "wordpiece" and tok.special_ids["[MASK]"] == 4
+  from lm import sample
+  with pytest.raises(UsageError, match="holds an encoder"):
+    sample.sample_workdir(config, workdir, num_samples=1)
   ids, types = tok.encode_special("w3 w7", "w9")
   assert list(ids) == [2, 8, 12, 3, 14, 3] and list(types) == [0, 0, 0, 0, 1, 1]
   from flax import nnx
