@@ -95,6 +95,10 @@ def test_mlm_loss_is_cross_entropy_of_the_chosen_tokens_only(make_config):
   from lm.model import build
   config, tok, corpus = mlm.TASK.load_data(encoder_config(make_config), None)
   batch = mlm.TASK.batch(corpus, config, 3)
+  again, other = mlm.TASK.batch(corpus, config, 3), mlm.TASK.batch(corpus, config, 4)
+  for name in batch:  # the same (seed, step): the same windows and masking
+    np.testing.assert_array_equal(batch[name], again[name])
+  assert (batch["inputs"] != other["inputs"]).any()
   model = build(validate.model_config(config, tok.vocab_size), nnx.Rngs(0))
   loss, metrics = mlm.TASK.loss(model, {k: jnp.asarray(v) for k, v in batch.items()}, None)
   logits = np.asarray(model(jnp.asarray(batch["inputs"])), np.float64)  # [B, T, V]
@@ -151,6 +155,7 @@ def test_bad_input_is_one_clear_error(make_config):
     mlm.Masker(tokenizers.CharTokenizer.train("ab", tokenizers.CHAR_SPECIALS), 0.15, True)
 
 
+@pytest.mark.slow
 def test_encoder_classifies_genres_from_scratch_and_from_an_mlm_checkpoint(tmp_path, make_config):
   """The genre task with the encoder: [CLS] + speech + [SEP] rows, pooled [CLS]; init_from an
   MLM run loads its encoder (same embeddings) and adds a fresh pooler and head."""
