@@ -186,6 +186,17 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
       json.dump({**config, **change}, f)
     with pytest.raises(UsageError, match=match):
       convert.from_hf(str(d))
+  bert = convert.from_hf(str(tmp_path / "ok"))
+  with pytest.raises(UsageError, match="not GPT-2 shaped: arch='encoder'"):
+    convert.to_hf(bert, str(tmp_path / "out"), model_type="gpt2")
+  from flax import nnx
+  from lm.config import model_config
+  from lm.model import Transformer
+  gpt = Transformer(model_config(vocab_size=50, num_layers=1, d_model=16, num_heads=2,
+                                 max_seq_len=8, positions="learned", norm="post",
+                                 mlp="gelu", use_bias=True), nnx.Rngs(0))
+  with pytest.raises(UsageError, match="not bert shaped: arch='decoder'.*type_vocab_size=0"):
+    convert.to_hf(gpt, str(tmp_path / "out"), model_type="bert")
   write_bert(str(tmp_path / "x"), "mlm", extra={"bert.surprise.weight": np.zeros(2, np.float32)})
   with pytest.raises(UsageError, match="unexpected tensors.*surprise"):
     convert.from_hf(str(tmp_path / "x"))

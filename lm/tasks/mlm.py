@@ -8,7 +8,7 @@ mlm.mask_prob (0.15); of the chosen, 80% become [MASK], 10% a random non-special
 stay. With mlm.whole_word (word-piece only) a word's pieces are chosen together. The draws
 come from (seed, step) alone, so a resumed run masks exactly as an uninterrupted one. At most
 max_predictions(seq_len) tokens a row are chosen (the first ones; as BERT's
-max_predictions_per_seq, a cap reached about once in 10^8 rows at 0.15), and the loss is the
+max_predictions_per_seq; at 0.15 the cap binds in fewer than 1 row in 10^8), and the loss is the
 cross-entropy of the chosen tokens only, the MLM head run on those positions alone.
 
 Evaluation: the held-out split in consecutive windows, masked with draws fixed per window
