@@ -197,6 +197,14 @@ class WordPieceTokenizer(BPETokenizer):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
                                         show_progress=False)
     tok.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
+    # The trainer numbers the same vocabulary differently from run to run (the "##x" alphabet
+    # comes out of a hash map), so two runs with one seed got different ids: renumber it
+    # canonically, the specials first, then by string (WordPiece matches by string, not id).
+    # Its choice between merges of equal count can still vary (seen on a repeated line, not
+    # on the plays); a run's own tokenizer is saved, so resuming never depends on it.
+    pieces = sorted(set(tok.get_vocab()) - set(SPECIALS))
+    tok.model = models.WordPiece({p: i for i, p in enumerate(list(SPECIALS) + pieces)},
+                                 unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
