@@ -34,6 +34,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _model() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
+  model.arch = "decoder"  # decoder (causal LM) | encoder (BERT: experiments/bert_mlm.py)
   model.num_layers = 4
   model.num_heads = 4
   model.num_kv_heads = 0  # 0: multi-head; fewer than num_heads: grouped-query attention
@@ -44,7 +45,7 @@ def _model() -> ml_collections.ConfigDict:
   model.positions = "rope"  # rope | learned
   model.norm = "pre"  # pre | post
   model.norm_type = "layernorm"  # layernorm | rmsnorm
-  model.mlp = "swiglu"  # gelu | swiglu
+  model.mlp = "swiglu"  # gelu (tanh approximation) | gelu_erf (exact, BERT) | swiglu
   model.use_bias = False  # biases in every dense layer (GPT-2)
   model.qkv_bias = False  # biases on the q, k, v projections only (Qwen2)
   model.tie_embeddings = True
@@ -58,13 +59,16 @@ def _model() -> ml_collections.ConfigDict:
   # trained with: data.seq_len in training (full attention over its windows), and in eval and
   # sampling the checkpoint's (its window, or its training data.seq_len). A runtime field.
   model.attention_window = -1
+  model.type_vocab_size = 0  # encoder: token-type (segment A/B) embeddings, BERT 2
+  model.mlm_head = False  # encoder: the masked-LM head (dense, GELU, LayerNorm, tied decoder)
+  model.pooler = False  # encoder: dense + tanh on [CLS] (implied by num_classes > 0)
   return model
 
 def _data() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.path = ""  # "": the embedded plays; else text files / glob, *.jsonl, *.bin / *.npy
-  data.tokenizer = "char"  # char | byte | bpe | path to a tokenizer.json
-  data.vocab_size = 1024  # bpe only: the vocabulary to train
+  data.tokenizer = "char"  # char | byte | bpe | wordpiece | path to a tokenizer.json
+  data.vocab_size = 1024  # bpe and wordpiece: the vocabulary to train
   data.seq_len = 64
   data.val_fraction = 0.1
   data.text_field = "text"  # jsonl only
@@ -73,7 +77,7 @@ def _data() -> ml_collections.ConfigDict:
 
 def _train() -> ml_collections.ConfigDict:
   train = ml_collections.ConfigDict()
-  train.task = "lm"  # an objective of lm/tasks/: lm (next token) | classify (genre)
+  train.task = "lm"  # an objective of lm/tasks/: lm (next token) | classify (genre) | mlm
   train.num_steps = 1100
   train.batch_size = 12  # global, over all devices and micro-batches
   train.grad_accum = 1
@@ -115,6 +119,19 @@ def _sample() -> ml_collections.ConfigDict:
   sample.length_penalty = 1.0  # beam score: sum log p / length ** length_penalty
   sample.early_stopping = False  # True: a prompt ends at num_beams finished beams
   return sample
+
+def bert_model(model: ml_collections.ConfigDict, num_layers=4, num_heads=4, d_model=128,
+               d_ff=512, max_seq_len=128) -> ml_collections.ConfigDict:
+  """`model` (a config's model section) set to BERT's conventions at the given size: an
+  encoder with learned positions, token types A/B, post-LN with eps 1e-12, exact-erf GELU,
+  biases, the MLM head tied to the word embeddings (experiments/bert_*.py, lm.convert)."""
+  model.arch, model.type_vocab_size, model.mlm_head = "encoder", 2, True
+  model.positions, model.norm, model.mlp, model.use_bias = "learned", "post", "gelu_erf", True
+  model.ln_eps, model.tie_embeddings = 1e-12, True
+  model.num_layers, model.num_heads, model.d_model, model.d_ff = num_layers, num_heads, d_model, d_ff
+  model.max_seq_len = max_seq_len
+  return model
+
 
 def model_config(vocab_size: int, **fields):
   """ModelConfig of the default model section with `fields` replaced (tests, lm.convert)."""

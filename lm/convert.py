@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> our Transformer, without torch: GPT-2, Llama, Mistral, Qwen2.
+"""Hugging Face checkpoints <-> our models, without torch: GPT-2, Llama, Mistral, Qwen2, BERT.
 
 Import (a directory with config.json and model.safetensors, or shards named by
 model.safetensors.index.json, as `save_pretrained` writes them or as the Hub serves them; any
@@ -9,7 +9,10 @@ float dtype, bf16 included, read by our own safetensors parser):
       fresh optimizer), OUT/config.json and OUT/tokenizer.json, so that
       `experiments/run.py --workdir=OUT --mode=sample|eval` and `config.train.init_from=OUT`
       start from it.
-  lm.convert.from_hf(DIR) -> Transformer whose call on ids [B, T] gives logits [B, T, V].
+  lm.convert.from_hf(DIR) -> Transformer whose call on ids [B, T] gives logits [B, T, V]; for
+      BERT an Encoder: model(input_ids, attention_mask=None, token_type_ids=None) gives MLM
+      logits [B, T, V] (hidden states [B, T, d] without an MLM head), model.classify(same)
+      [B, num_labels].
 
 Export: `python -m lm.convert --export --workdir=RUN --hf_dir=OUT` (or `to_hf(model, OUT)`)
 writes config.json and model.safetensors (float32) with the family's names and layouts.
@@ -26,6 +29,12 @@ The families in our terms (config.json's model_type picks one):
   Mistral's sliding window (and Qwen2's, with use_sliding_window) is not implemented: when it
   is shorter than max_position_embeddings, the context is clipped to it (a warning), where
   full causal attention is the same function.
+- bert (BertModel, BertForMaskedLM, BertForSequenceClassification; the heads present are
+  read from the tensors): our Encoder with learned positions, token types, post-LN
+  LayerNorm (layer_norm_eps), GELU erf ("gelu") or tanh ("gelu_new"), biases everywhere;
+  cls.predictions.* is the MLM head (decoder tied to the word embeddings), bert.pooler the
+  pooler, classifier the classification head. nn.Linear weights are [out, in]: transposed.
+  BertForPreTraining's next-sentence head (cls.seq_relationship) is not kept (a warning).
 """
 
 from __future__ import annotations
@@ -45,10 +54,12 @@ from flax import nnx
 
 from lm import tokenizers
 from lm.errors import UsageError
-from lm.model import LLAMA3_KEYS, ModelConfig, Transformer, parse_rope_scaling
+from lm.model import LLAMA3_KEYS, ModelConfig, Transformer, build, parse_rope_scaling
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
+TYPES = ("gpt2",) + LLAMA_TYPES + ("bert",)
+_BERT_GELUS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -73,16 +84,18 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def model_type_of(hf: dict) -> str:
   kind = hf.get("model_type", "gpt2")
-  if kind != "gpt2" and kind not in LLAMA_TYPES:
-    raise UsageError(f"model_type={kind!r}: checkpoints of types gpt2, "
-                     f"{', '.join(LLAMA_TYPES)} convert")
+  if kind not in TYPES:
+    raise UsageError(f"model_type={kind!r}: checkpoints of types {', '.join(TYPES)} convert")
   return kind
 
 
-def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+def model_config_from_hf(hf: dict, tensor_names=(), **overrides) -> ModelConfig:
   """Our ModelConfig for a Hugging Face config.json (rejects what we cannot express).
-  overrides set fields that change no shape (attention_impl, dtype)."""
-  fields = _gpt2_fields(hf) if model_type_of(hf) == "gpt2" else _llama_fields(hf)
+  tensor_names: the checkpoint's, which tell a BERT's heads. overrides set fields that change
+  no shape (attention_impl, dtype)."""
+  kind = model_type_of(hf)
+  fields = (_gpt2_fields(hf) if kind == "gpt2" else _bert_fields(hf, tensor_names)
+            if kind == "bert" else _llama_fields(hf))
   fields.update(overrides)
   from lm.config import model_config
   try:
@@ -151,26 +164,78 @@ def _llama_fields(hf: dict) -> dict:
               ln_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling)
 
 
+def _bert_fields(hf: dict, names) -> dict:
+  act = hf.get("hidden_act", "gelu")
+  if act not in _BERT_GELUS:
+    raise UsageError(f"hidden_act={act!r}: BERT converts with {', '.join(_BERT_GELUS)}")
+  for key, ok in (("position_embedding_type", "absolute"), ("is_decoder", False),
+                  ("add_cross_attention", False)):
+    if hf.get(key, ok) != ok:
+      raise UsageError(f"{key}={hf[key]!r} is not supported (BERT here needs {ok!r})")
+  names = {n[len("bert."):] if n.startswith("bert.") else n for n in names}
+  num_classes = 0
+  if "classifier.weight" in names:
+    num_classes = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+  return dict(arch="encoder", vocab_size=hf["vocab_size"],
+              max_seq_len=hf.get("max_position_embeddings", 512),
+              num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+              num_kv_heads=0, d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+              positions="learned", norm="post", norm_type="layernorm", mlp=_BERT_GELUS[act],
+              use_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+              ln_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2),
+              mlm_head=any(n.startswith("cls.predictions.") for n in names),
+              pooler="pooler.dense.weight" in names, num_classes=num_classes)
+
+
+def _bert_config(cfg: ModelConfig) -> dict:
+  """config.json of an encoder: BertForSequenceClassification with a classifier, else
+  BertForMaskedLM with an MLM head, else BertModel."""
+  arch = ("BertForSequenceClassification" if cfg.num_classes else
+          "BertForMaskedLM" if cfg.mlm_head else "BertModel")
+  hf = {"architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ff_dim,
+        "hidden_act": "gelu" if cfg.mlp == "gelu_erf" else "gelu_new",
+        "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.ln_eps, "position_embedding_type": "absolute",
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "pad_token_id": 0}
+  if cfg.num_classes:
+    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+    hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_classes)}
+  return hf
+
+
 def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dict:
   """config.json for `cfg` as model_type (None: gpt2 for learned positions, qwen2 with q/k/v
   biases, else llama); a UsageError when the model is not of that shape."""
   if model_type is None:
-    model_type = ("gpt2" if cfg.positions == "learned" else
+    model_type = ("bert" if cfg.arch == "encoder" else "gpt2" if cfg.positions == "learned" else
                   "qwen2" if cfg.qkv_bias and not cfg.use_bias else "llama")
   if model_type == "gpt2":
-    want = dict(positions="learned", norm="pre", norm_type="layernorm", mlp="gelu", use_bias=True)
+    want = dict(arch="decoder", positions="learned", norm="pre", norm_type="layernorm",
+                mlp="gelu", use_bias=True)
   elif model_type in LLAMA_TYPES:
-    want = dict(positions="rope", norm="pre", norm_type="rmsnorm", mlp="swiglu", use_bias=False,
-                qkv_bias=model_type == "qwen2")
+    want = dict(arch="decoder", positions="rope", norm="pre", norm_type="rmsnorm", mlp="swiglu",
+                use_bias=False, qkv_bias=model_type == "qwen2")
+  elif model_type == "bert":
+    want = dict(arch="encoder", positions="learned", norm="post", norm_type="layernorm",
+                use_bias=True)
   else:
-    raise UsageError(f"model_type={model_type!r}: export writes gpt2, {', '.join(LLAMA_TYPES)}")
+    raise UsageError(f"model_type={model_type!r}: export writes {', '.join(TYPES)}")
   problems = [f"{k}={getattr(cfg, k)!r} ({model_type}: {v!r})" for k, v in want.items()
               if getattr(cfg, k) != v]
-  if model_type == "gpt2" and cfg.kv_heads != cfg.num_heads:
-    problems.append(f"num_kv_heads={cfg.num_kv_heads} (GPT-2 has multi-head attention)")
+  if model_type in ("gpt2", "bert") and cfg.kv_heads != cfg.num_heads:
+    problems.append(f"num_kv_heads={cfg.num_kv_heads} ({model_type} has multi-head attention)")
+  if model_type == "bert" and cfg.mlp not in ("gelu", "gelu_erf"):
+    problems.append(f"mlp={cfg.mlp!r} (bert: 'gelu_erf' or 'gelu')")
+  if model_type == "bert" and not cfg.type_vocab_size:
+    problems.append("type_vocab_size=0 (bert has token-type embeddings)")
   if problems:
     shape = "GPT-2" if model_type == "gpt2" else model_type
     raise UsageError(f"the model is not {shape} shaped: " + ", ".join(problems))
+  if model_type == "bert":
+    return _bert_config(cfg)
   if model_type == "gpt2":
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -297,7 +362,9 @@ class _Checkpoint:
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   """HF tensors -> our parameters as a pure dict (the layout of nnx.State.to_pure_dict), float32.
-  The family follows from cfg (learned positions: GPT-2; else Llama)."""
+  The family follows from cfg (an encoder: BERT; learned positions: GPT-2; else Llama)."""
+  if cfg.arch == "encoder":
+    return _bert_params(tensors, cfg)
   if cfg.positions == "learned":
     return _gpt2_params(tensors, cfg)
   return _llama_params(tensors, cfg)
@@ -360,9 +427,94 @@ def _llama_params(tensors, cfg: ModelConfig) -> dict:
   return params
 
 
+def _bert_params(tensors, cfg: ModelConfig) -> dict:
+  nsp = [k for k in tensors if k.startswith("cls.seq_relationship.")]
+  if nsp:
+    logging.warning("BERT: the next-sentence head (%s) is not kept", ", ".join(nsp))
+  c = _Checkpoint({k: v for k, v in tensors.items() if k not in nsp}, "bert.",
+                  ("embeddings.position_ids",))  # a buffer of 0..max_len-1
+  d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
+  linear = lambda name, n_out, n_in: c.get(name, (n_out, n_in)).T  # nn.Linear is [out, in]
+  ln = lambda p: {"scale": c.get(p + ".weight", (d,)), "bias": c.get(p + ".bias", (d,))}
+  e = "embeddings."
+  params = {"embed": c.get(e + "word_embeddings.weight", (v, d)),
+            "pos_embed": c.get(e + "position_embeddings.weight", (cfg.max_seq_len, d)),
+            "type_embed": c.get(e + "token_type_embeddings.weight", (cfg.type_vocab_size, d)),
+            "emb_ln": ln(e + "LayerNorm"), "blocks": {}}
+  for i in range(cfg.num_layers):
+    p = f"encoder.layer.{i}."
+    attn = {"wo": linear(p + "attention.output.dense.weight", d, d),
+            "bo": c.get(p + "attention.output.dense.bias", (d,))}
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+      attn["w" + ours] = linear(p + f"attention.self.{theirs}.weight", d, d).reshape(d, h, hd)
+      attn["b" + ours] = c.get(p + f"attention.self.{theirs}.bias", (d,)).reshape(h, hd)
+    params["blocks"][i] = {  # post-LN: ln1 after attention, ln2 after the MLP
+        "attn": attn, "ln1": ln(p + "attention.output.LayerNorm"), "ln2": ln(p + "output.LayerNorm"),
+        "mlp": {"w_in": linear(p + "intermediate.dense.weight", f, d),
+                "b_in": c.get(p + "intermediate.dense.bias", (f,)),
+                "w_out": linear(p + "output.dense.weight", d, f),
+                "b_out": c.get(p + "output.dense.bias", (d,))}}
+  if cfg.mlm_head:
+    t = "cls.predictions."
+    params.update(mlm_w=linear(t + "transform.dense.weight", d, d),
+                  mlm_b=c.get(t + "transform.dense.bias", (d,)),
+                  mlm_ln=ln(t + "transform.LayerNorm"), mlm_bias=c.get(t + "bias", (v,)))
+    if t + "decoder.bias" in c.t:  # newer transformers save the tied bias twice
+      c.get(t + "decoder.bias", (v,))
+    if not cfg.tie_embeddings:
+      params["head"] = c.get(t + "decoder.weight", (v, d)).T
+    elif t + "decoder.weight" in c.t:
+      c.used.add(t + "decoder.weight")  # a tied copy of the word embeddings
+  if cfg.pooler or cfg.num_classes:
+    params["pool_w"] = linear("pooler.dense.weight", d, d)
+    params["pool_b"] = c.get("pooler.dense.bias", (d,))
+  if cfg.num_classes:
+    params["cls_head"] = linear("classifier.weight", cfg.num_classes, d)
+    params["cls_bias"] = c.get("classifier.bias", (cfg.num_classes,))
+  c.check_all_used()
+  return params
+
+
+def _bert_tensors(p: dict, cfg: ModelConfig) -> dict:
+  """Names as BertModel (no prefix) or Bert*For* ("bert." before the encoder) save them."""
+  pre = "bert." if cfg.mlm_head or cfg.num_classes else ""
+  d = cfg.d_model
+  linear = lambda w: w.reshape(d, -1).T
+  ln = lambda name, x: {name + ".weight": x["scale"], name + ".bias": x["bias"]}
+  e = pre + "embeddings."
+  out = {e + "word_embeddings.weight": p["embed"], e + "position_embeddings.weight": p["pos_embed"],
+         e + "token_type_embeddings.weight": p["type_embed"], **ln(e + "LayerNorm", p["emb_ln"])}
+  for i in range(cfg.num_layers):
+    blk, q = p["blocks"][i], f"{pre}encoder.layer.{i}."
+    a, m = blk["attn"], blk["mlp"]
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+      out[q + f"attention.self.{theirs}.weight"] = linear(a["w" + ours])
+      out[q + f"attention.self.{theirs}.bias"] = a["b" + ours].reshape(-1)
+    out.update({q + "attention.output.dense.weight": a["wo"].T,
+                q + "attention.output.dense.bias": a["bo"],
+                **ln(q + "attention.output.LayerNorm", blk["ln1"]),
+                q + "intermediate.dense.weight": m["w_in"].T, q + "intermediate.dense.bias": m["b_in"],
+                q + "output.dense.weight": m["w_out"].T, q + "output.dense.bias": m["b_out"],
+                **ln(q + "output.LayerNorm", blk["ln2"])})
+  if cfg.mlm_head:
+    t = "cls.predictions."
+    out.update({t + "transform.dense.weight": p["mlm_w"].T, t + "transform.dense.bias": p["mlm_b"],
+                **ln(t + "transform.LayerNorm", p["mlm_ln"]), t + "bias": p["mlm_bias"]})
+    if not cfg.tie_embeddings:
+      out[t + "decoder.weight"] = p["head"].T
+  if cfg.pooler or cfg.num_classes:
+    out.update({pre + "pooler.dense.weight": p["pool_w"].T, pre + "pooler.dense.bias": p["pool_b"]})
+  if cfg.num_classes:
+    out.update({"classifier.weight": p["cls_head"].T, "classifier.bias": p["cls_bias"]})
+  return out
+
+
 def hf_tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Inverse of params_from_hf, with the names `*ForCausalLM.save_pretrained` writes."""
+  """Inverse of params_from_hf, with the names `*ForCausalLM.save_pretrained` writes (BERT:
+  `BertModel`/`BertFor*`)."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  if cfg.arch == "encoder":
+    return {k: np.ascontiguousarray(v) for k, v in _bert_tensors(p, cfg).items()}
   out = _gpt2_tensors(p, cfg) if cfg.positions == "learned" else _llama_tensors(p, cfg)
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = p["head"].T
@@ -413,18 +565,23 @@ def _llama_tensors(p: dict, cfg: ModelConfig) -> dict:
 
 
 def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
-  """A Transformer holding `params` (a pure dict), allocating nothing else."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  """The model of cfg.arch (Transformer, Encoder) holding `params` (a pure dict), allocating
+  nothing else."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 
 
 def from_hf(hf_dir: str, **overrides) -> Transformer:
   """Our model (float32 parameters) with the weights of a Hugging Face directory (config.json
-  and safetensors) of model_type gpt2, llama, mistral or qwen2. overrides set ModelConfig
-  fields that change no shape (attention_impl, dtype). Bad input raises UsageError."""
-  cfg = model_config_from_hf(read_hf_config(hf_dir), **overrides)
-  return model_from_params(cfg, params_from_hf(read_safetensors(hf_dir), cfg))
+  and safetensors) of model_type gpt2, llama, mistral, qwen2 or bert. overrides set
+  ModelConfig fields that change no shape (attention_impl, dtype). Bad input raises
+  UsageError."""
+  hf = read_hf_config(hf_dir)
+  model_type_of(hf)  # an unsupported type is refused before the weights are read
+  tensors = read_safetensors(hf_dir)
+  cfg = model_config_from_hf(hf, tensors, **overrides)
+  return model_from_params(cfg, params_from_hf(tensors, cfg))
 
 
 def to_hf(model: Transformer, out_dir: str, tokenizer=None, model_type: str | None = None):
@@ -434,13 +591,14 @@ def to_hf(model: Transformer, out_dir: str, tokenizer=None, model_type: str | No
   cfg = model.cfg
   hf = hf_config_from_model(cfg, model_type)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  params.pop("cls_head", None), params.pop("cls_bias", None)
+  if cfg.arch != "encoder":  # a decoder's classifier has no place in GPT-2/Llama files
+    params.pop("cls_head", None), params.pop("cls_bias", None)
   os.makedirs(out_dir, exist_ok=True)
   save_file(hf_tensors_from_params(params, cfg), os.path.join(out_dir, "model.safetensors"),
             metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
-  if tokenizer is not None and tokenizer.kind == "bpe":
+  if tokenizer is not None and tokenizer.kind in ("bpe", "wordpiece"):
     tokenizers.save(tokenizer, out_dir)
 
 
@@ -459,9 +617,11 @@ def to_hf_gpt2(model: Transformer, out_dir: str, tokenizer=None) -> None:
 
 def load_hf_tokenizer(hf_dir: str):
   """tokenizer.json (the `tokenizers` library), else vocab.json + merges.txt (GPT-2's byte-level
-  BPE); None when the directory has neither."""
+  BPE), else vocab.txt (BERT's word pieces); None when the directory has none of them."""
   if os.path.isfile(os.path.join(hf_dir, tokenizers.FILENAME)):
     return tokenizers.load(hf_dir)
+  if os.path.isfile(os.path.join(hf_dir, "vocab.txt")):
+    return _bert_vocab_tokenizer(hf_dir)
   vocab, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
   if os.path.isfile(vocab) and os.path.isfile(merges):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -470,6 +630,27 @@ def load_hf_tokenizer(hf_dir: str):
     tok.decoder = decoders.ByteLevel()
     return tokenizers.BPETokenizer(tok)
   return None
+
+
+def _bert_vocab_tokenizer(hf_dir: str):
+  """BERT's tokenizer from vocab.txt (and do_lower_case of tokenizer_config.json, default
+  True), with the [CLS] $A [SEP] post-processor."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  lower = True
+  config = os.path.join(hf_dir, "tokenizer_config.json")
+  if os.path.isfile(config):
+    with open(config, encoding="utf-8") as f:
+      lower = bool(json.load(f).get("do_lower_case", True))
+  tok = Tokenizer(models.WordPiece.from_file(os.path.join(hf_dir, "vocab.txt"), unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=lower)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+  if cls_id is not None and sep_id is not None:
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+  return tokenizers.WordPieceTokenizer(tok)
 
 
 # --- workdirs --------------------------------------------------------------------------------
@@ -494,8 +675,10 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   from lm import checkpoint as ckpt_lib
   from lm import train as train_lib
   hf = read_hf_config(hf_dir)
-  cfg = model_config_from_hf(hf)
-  params = params_from_hf(read_safetensors(hf_dir), cfg)
+  model_type_of(hf)
+  tensors = read_safetensors(hf_dir)
+  cfg = model_config_from_hf(hf, tensors)
+  params = params_from_hf(tensors, cfg)
   tokenizer = tokenizer or load_hf_tokenizer(hf_dir)
   if tokenizer is None:
     if cfg.vocab_size != 256:
@@ -513,6 +696,8 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   with config.unlocked():
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, tokenizers.FILENAME))
     config.train.init_from = ""
+    if cfg.arch == "encoder":  # what --mode=eval of the converted run evaluates
+      config.train.task = "classify" if cfg.num_classes else "mlm"
   run = train_lib.make_run(config, tokenizer.vocab_size)
   model = model_from_params(run.model_cfg, params)
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)
@@ -548,7 +733,7 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="our run directory")
   parser.add_argument("--export", action="store_true",
                       help="write the workdir's latest checkpoint to --hf_dir instead")
-  parser.add_argument("--model_type", choices=("gpt2",) + LLAMA_TYPES,
+  parser.add_argument("--model_type", choices=TYPES,
                       help="--export: the type to write (default: the one converted from, "
                       "else inferred from the model's shape)")
   args = parser.parse_args(argv)

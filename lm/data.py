@@ -181,12 +181,21 @@ def split_documents(docs, val_fraction: float) -> tuple[list[str], list[str]]:
 
 # --- tokenizers and corpora ------------------------------------------------------------------
 
-def make_tokenizer(data_cfg, train_texts: list[str]) -> tokenizers.Tokenizer:
+def make_tokenizer(data_cfg, train_texts: list[str], specials: bool = False) -> tokenizers.Tokenizer:
+  """The tokenizer data.tokenizer names, trained on `train_texts` where it is trained.
+  specials: it must have [CLS] [SEP] [PAD] [MASK] (an encoder's task): a char tokenizer gains
+  them, word-piece has them, byte and bpe are refused (UsageError)."""
   kind = data_cfg.tokenizer
+  if specials and kind in ("byte", "bpe"):
+    raise UsageError(f"data.tokenizer={kind!r} has no [CLS]/[SEP]/[PAD]/[MASK] tokens, which "
+                     f"the encoder needs: use wordpiece, char or a BERT tokenizer.json")
+  if kind == "wordpiece":
+    return tokenizers.WordPieceTokenizer.train(train_texts, data_cfg.vocab_size)
   if kind == "byte":
     return tokenizers.ByteTokenizer()
   if kind == "char":
-    return tokenizers.CharTokenizer.train("".join(train_texts))
+    return tokenizers.CharTokenizer.train("".join(train_texts),
+                                          tokenizers.CHAR_SPECIALS if specials else ())
   if kind == "bpe":
     return tokenizers.BPETokenizer.train(train_texts, data_cfg.vocab_size)
   path = kind if kind.endswith(".json") else os.path.join(kind, tokenizers.FILENAME)
@@ -282,11 +291,13 @@ def _load_token_file(data_cfg, tok) -> Corpus:
   return Corpus(ids[:cut], ids[cut:], tok, None)
 
 
-def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Corpus:
-  """Reads, splits and tokenizes the configured data; reuses `tokenizer` when given (resume)."""
+def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None,
+                specials: bool = False) -> Corpus:
+  """Reads, splits and tokenizes the configured data; reuses `tokenizer` when given (resume),
+  else makes one (with special tokens when `specials`: make_tokenizer)."""
   if data_cfg.path and data_cfg.path.endswith(TOKEN_FILE_SUFFIXES):
     if tokenizer is None:
-      if data_cfg.tokenizer in ("char", "bpe"):
+      if data_cfg.tokenizer in ("char", "bpe", "wordpiece"):
         raise UsageError("a token file needs data.tokenizer=byte or a tokenizer.json path")
       tokenizer = make_tokenizer(data_cfg, [])
     elif tokenizer.kind == "char":  # eval of a char run on a token file: ids mean other things
@@ -299,7 +310,7 @@ def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None) -> Corp
     if not any(t.strip() for _, t in docs):
       raise UsageError(f"the corpus is empty: {data_cfg.path or 'the embedded plays'} holds no text")
     train_texts, val_texts = split_documents(docs, data_cfg.val_fraction)
-    tokenizer = tokenizer or make_tokenizer(data_cfg, train_texts)
+    tokenizer = tokenizer or make_tokenizer(data_cfg, train_texts, specials)
     corpus = Corpus(_encode(tokenizer, train_texts), _encode(tokenizer, val_texts), tokenizer,
                     len("\n\n".join(val_texts).encode("utf-8")))
   need = data_cfg.seq_len + 1

@@ -29,7 +29,9 @@ from lm import sharding
 RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype", "attention_window")
 # What configs and checkpoints written before a field existed meant by its absence (issue 16).
 LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": "",
-                   "attention_window": -1}  # -1: auto, the training length (issue 18)
+                   "attention_window": -1,  # -1: auto, the training length (issue 18)
+                   "arch": "decoder", "type_vocab_size": 0, "mlm_head": False, "pooler": False}
+ARCHS = ("decoder", "encoder")  # "encoder_decoder" (T5) is to come
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ModelConfig:
   """The model's shape and numerics. No defaults: they live in one place, lm/config.py
   (experiments/base.py), and `from_config` builds this from a config's model section."""
   vocab_size: int
+  arch: str  # decoder (causal LM, lm/model.py Transformer) | encoder (BERT, lm/model.py Encoder)
   max_seq_len: int
   num_layers: int
   num_heads: int
@@ -48,7 +51,7 @@ class ModelConfig:
   positions: str  # rope | learned
   norm: str  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
   norm_type: str  # layernorm (scale and bias) | rmsnorm (scale only; Llama, T5)
-  mlp: str  # gelu (tanh approximation, as GPT-2) | swiglu
+  mlp: str  # gelu (tanh approximation, as GPT-2) | gelu_erf (exact, as BERT) | swiglu
   use_bias: bool  # biases in every dense layer (GPT-2)
   qkv_bias: bool  # biases on the q, k, v projections only (Qwen2); implied by use_bias
   tie_embeddings: bool
@@ -61,6 +64,12 @@ class ModelConfig:
   # KV cache keeps W slots. A runtime field: config.model.attention_window -1 (auto) means the
   # window the run was trained with, resolved before this is built (from_config's auto_window).
   attention_window: int
+  # Encoder only (0/False for a decoder): segment A/B embeddings (BERT: 2), the masked-LM head
+  # (dense, GELU, LayerNorm, tied decoder + bias), the pooler (dense + tanh on [CLS]; also
+  # present whenever num_classes > 0, as the classifier reads it).
+  type_vocab_size: int
+  mlm_head: bool
+  pooler: bool
 
   def __post_init__(self):
     kv = self.kv_heads
@@ -70,10 +79,11 @@ class ModelConfig:
     if self.num_heads % kv:
       raise ValueError(f"model.num_kv_heads={kv}: expected a divisor of model.num_heads="
                        f"{self.num_heads}")
-    for name, value, allowed in (("positions", self.positions, ("rope", "learned")),
+    for name, value, allowed in (("arch", self.arch, ARCHS),
+                                 ("positions", self.positions, ("rope", "learned")),
                                  ("norm", self.norm, ("pre", "post")),
                                  ("norm_type", self.norm_type, ("layernorm", "rmsnorm")),
-                                 ("mlp", self.mlp, ("gelu", "swiglu")),
+                                 ("mlp", self.mlp, ("gelu", "gelu_erf", "swiglu")),
                                  ("attention_impl", self.attention_impl, attention_lib.IMPLS),
                                  ("dtype", self.dtype, ("float32", "bfloat16", "float16"))):
       if value not in allowed:
@@ -85,6 +95,14 @@ class ModelConfig:
       raise ValueError(f"model.attention_window={self.attention_window}: expected 0 (full) or "
                        f"a window > 0 (-1, auto, is resolved before the model is built)")
     attention_lib.check_impl(self.attention_impl, self.head_dim)
+    if self.attention_window and self.arch != "decoder":
+      raise ValueError(f"model.attention_window={self.attention_window}: sliding windows are for "
+                       f"causal attention (model.arch='decoder'); use 0 or -1 for an {self.arch}")
+    if self.arch != "encoder":
+      for name in ("type_vocab_size", "mlm_head", "pooler"):
+        if getattr(self, name):
+          raise ValueError(f"model.{name}={getattr(self, name)!r} is for model.arch='encoder' "
+                           f"(this model is a {self.arch})")
     parse_rope_scaling(self.rope_scaling)
 
   @property
@@ -110,8 +128,8 @@ class ModelConfig:
     missing otherwise. attention_window -1 (auto) becomes `auto_window`: the training
     data.seq_len when training (lm.validate.model_config), 0 (full) by default."""
     model_cfg = {**LEGACY_DEFAULTS, **model_cfg}
-    if model_cfg["attention_window"] == -1:
-      model_cfg["attention_window"] = auto_window
+    if model_cfg["attention_window"] == -1:  # an encoder's attention is never windowed
+      model_cfg["attention_window"] = auto_window if model_cfg["arch"] == "decoder" else 0
     fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
     missing = [f for f in fields if f not in model_cfg]
     if missing:
@@ -266,11 +284,14 @@ class LayerCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention softmax(QK^T/sqrt(d_k))V with grouped-query K/V."""
+  """Multi-head self-attention softmax(QK^T/sqrt(d_k))V with grouped-query K/V; causal (a
+  decoder's) or bidirectional (causal=False: an encoder's, no KV cache)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES,
+               causal: bool = True):
     self.cfg = cfg
     self.rules = rules
+    self.causal = causal
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     std = 0.02
     out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2's scaled init of residual outputs
@@ -297,7 +318,7 @@ class Attention(nnx.Module):
     window = cfg.attention_window
     if cache is None:
       # A window as long as the sequence masks nothing: leave it out (the kernels' fast path).
-      out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=True,
+      out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=self.causal,
                                     segment_ids=segment_ids,
                                     window=window if window < x.shape[1] else 0, rules=self.rules)
     else:
@@ -327,17 +348,24 @@ class MLP(nnx.Module):
     if self.kind == "swiglu":
       h = jax.nn.silu(dense(x, self.w_gate)) * h
     else:
-      h = jax.nn.gelu(h, approximate=True)
+      h = gelu(h, self.kind)
     return dense(h, self.w_out, self.b_out)
+
+
+def gelu(x, mlp: str):
+  """GELU as config.model.mlp names it: exact (erf) for "gelu_erf" (BERT), else the tanh
+  approximation (GPT-2)."""
+  return jax.nn.gelu(x, approximate=mlp != "gelu_erf")
 
 
 class Block(nnx.Module):
   """Attention and MLP sublayers with residuals; pre-LN: x + f(LN(x)), post-LN: LN(x + f(x))."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES,
+               causal: bool = True):
     self.pre = cfg.norm == "pre"
     self.ln1, self.ln2 = LayerNorm(cfg, rngs), LayerNorm(cfg, rngs)
-    self.attn = Attention(cfg, rngs, rules)
+    self.attn = Attention(cfg, rngs, rules, causal)
     self.mlp = MLP(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 

@@ -1,7 +1,10 @@
-"""The model families, built from the shared layers of lm/layers.py.
+"""The model families, built from the shared layers of lm/layers.py; `build` picks one by
+config.model.arch.
 
 Transformer: the decoder-only language model (GPT-2, Llama, Mistral, Qwen2 conventions by
 config), with an optional sequence-classification head and a KV cache for decoding.
+Encoder: the bidirectional encoder (BERT conventions by config), with a masked-LM head, a
+pooler and a sequence-classification head on the pooled [CLS].
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm import sharding
+from lm.errors import UsageError
 # ModelConfig and its field lists live with the layers (below this module); re-exported here
 # because callers think of them as the model's.
 from lm.layers import (LEGACY_DEFAULTS, LLAMA3_KEYS, RUNTIME_FIELDS, Block, LayerCache,  # noqa: F401
-                       LayerNorm, ModelConfig, checkpoint_fields, normal, param,
+                       LayerNorm, ModelConfig, checkpoint_fields, dense, gelu, normal, param,
                        parse_rope_scaling, zeros)
 
 
@@ -113,6 +117,109 @@ class Transformer(nnx.Module):
     return self.logits(x), cache
 
 
+class Encoder(nnx.Module):
+  """A bidirectional Transformer encoder (BERT): token ids [B, T] -> MLM logits [B, T, vocab]
+  (fp32) with model.mlm_head, else the final hidden states [B, T, d_model].
+
+  Embeddings: token + learned position (or rotary, in the attention, with positions="rope")
+  + token type (type_vocab_size > 0), then a LayerNorm (BERT's embedding LayerNorm) and
+  dropout; blocks of non-causal attention (post-LN with norm="post", as BERT). The masked-LM
+  head is dense -> GELU -> LayerNorm -> the word embeddings (tied; an own matrix `head` when
+  tie_embeddings is False) + a bias; the pooler is tanh(dense(h[:, 0])), h[:, 0] being [CLS];
+  the classifier is a dense layer on the pooled vector.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+    self.cfg = cfg
+    self.rules = rules = tuple(tuple(r) for r in rules)
+    d, std = cfg.d_model, normal(0.02)  # BERT initialises every matrix with std 0.02
+    self.embed = param(rngs, std, (cfg.vocab_size, d), ("vocab", "embed"))
+    self.pos_embed = (param(rngs, std, (cfg.max_seq_len, d), (None, "embed"))
+                      if cfg.positions == "learned" else None)
+    self.type_embed = (param(rngs, std, (cfg.type_vocab_size, d), (None, "embed"))
+                       if cfg.type_vocab_size else None)
+    self.emb_ln = LayerNorm(cfg, rngs)
+    self.blocks = nnx.List([Block(cfg, rngs, rules, causal=False) for _ in range(cfg.num_layers)])
+    self.ln_f = LayerNorm(cfg, rngs) if cfg.norm == "pre" else None
+    untied = cfg.mlm_head and not cfg.tie_embeddings
+    self.head = param(rngs, std, (d, cfg.vocab_size), ("embed", "vocab")) if untied else None
+    if cfg.mlm_head:
+      self.mlm_w = param(rngs, std, (d, d), ("embed", None))
+      self.mlm_b = param(rngs, zeros, (d,), (None,))
+      self.mlm_ln = LayerNorm(cfg, rngs)
+      self.mlm_bias = param(rngs, zeros, (cfg.vocab_size,), ("vocab",))
+    if cfg.pooler or cfg.num_classes:
+      self.pool_w = param(rngs, std, (d, d), ("embed", None))
+      self.pool_b = param(rngs, zeros, (d,), (None,))
+    if cfg.num_classes:
+      self.cls_head = param(rngs, std, (d, cfg.num_classes), ("embed", None))
+      self.cls_bias = param(rngs, zeros, (cfg.num_classes,), (None,))
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def hidden(self, input_ids, attention_mask=None, token_type_ids=None, *, positions=None,
+             rngs: nnx.Rngs | None = None):
+    """Final hidden states [B, T, d_model] (compute dtype).
+
+    attention_mask [B, T]: 1 for real tokens, 0 for padding (None: all real); no query sees a
+    padding key, so pad tokens change no real position's output (a pad row itself attends
+    to the real tokens, as in Hugging Face BERT). token_type_ids [B, T] in
+    [0, type_vocab_size) (None: all 0); positions default to 0..T-1.
+    """
+    cfg = self.cfg
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = jnp.take(self.embed[...], input_ids, axis=0)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0)
+    if self.type_embed is not None:
+      types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+      x = x + jnp.take(self.type_embed[...], types, axis=0)
+    x = self.dropout(self.emb_ln(x).astype(cfg.compute_dtype), rngs=rngs,
+                     deterministic=rngs is None)
+    segment_ids = None
+    if attention_mask is not None:  # (query ids, key ids): keys of id 0 are hidden from all
+      keys = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
+      segment_ids = (jnp.ones_like(keys), keys)
+    for block in self.blocks:
+      x = sharding.constrain(x, ("batch", None, None), self.rules)
+      x, _ = block(x, positions, segment_ids, None, 0, rngs)
+    return x if self.ln_f is None else self.ln_f(x)
+
+  def mlm_logits(self, x):
+    """Masked-LM logits [..., vocab] (fp32) of hidden states x [..., d_model]."""
+    h = gelu(dense(x, self.mlm_w, self.mlm_b), self.cfg.mlp)
+    h = self.mlm_ln(h)
+    w = self.embed[...].T if self.head is None else self.head[...]
+    return (dense(h, w) + self.mlm_bias[...].astype(h.dtype)).astype(jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, positions=None,
+               rngs=None):
+    x = self.hidden(input_ids, attention_mask, token_type_ids, positions=positions, rngs=rngs)
+    return self.mlm_logits(x) if self.cfg.mlm_head else x
+
+  def pooled(self, input_ids, attention_mask=None, token_type_ids=None, *, rngs=None):
+    """tanh(dense(h[:, 0])) [B, d_model] (fp32): the [CLS] summary the classifier reads."""
+    if not (self.cfg.pooler or self.cfg.num_classes):
+      raise UsageError("this encoder has no pooler (model.pooler is False and num_classes 0)")
+    x = self.hidden(input_ids, attention_mask, token_type_ids, rngs=rngs)[:, 0]
+    return jnp.tanh(dense(x.astype(jnp.float32), self.pool_w, self.pool_b))
+
+  def classify(self, input_ids, attention_mask=None, token_type_ids=None, *, rngs=None):
+    """Class logits [B, num_classes] (fp32) from the pooled [CLS]; UsageError without a
+    classification head (model.num_classes 0)."""
+    if not self.cfg.num_classes:
+      raise UsageError("this model has no classification head (model.num_classes is 0)")
+    pooled = self.pooled(input_ids, attention_mask, token_type_ids, rngs=rngs)
+    pooled = self.dropout(pooled, rngs=rngs, deterministic=rngs is None)
+    return dense(pooled, self.cls_head, self.cls_bias)
+
+
+def build(cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+  """The model family config.model.arch names: Transformer (decoder) or Encoder."""
+  return (Encoder if cfg.arch == "encoder" else Transformer)(cfg, rngs, rules)
+
+
 def num_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
@@ -122,6 +229,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   n = (cfg.num_layers * (2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.kv_heads)
                          + cfg.d_model * cfg.ff_dim * (3 if cfg.mlp == "swiglu" else 2))
        + cfg.vocab_size * cfg.d_model)
-  attn = 12 * cfg.num_layers * cfg.d_model * seq_len / 2  # causal: half the scores
+  attn = 12 * cfg.num_layers * cfg.d_model * seq_len / (1 if cfg.arch == "encoder" else 2)
   return 6 * n + attn
 

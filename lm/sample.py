@@ -380,6 +380,9 @@ def sample_workdir(config, workdir: str, **overrides) -> list[str]:
     config.sample.update(overrides)
   validate.check_config(config, "sample")
   run, state, tokenizer, _ = runtime.load(config, workdir)
+  if run.model_cfg.arch != "decoder":
+    raise UsageError(f"{workdir} holds an {run.model_cfg.arch} (model.arch): only a decoder "
+                     f"generates text")
   model = nnx.merge(run.graphdef, state)[0]
   texts = sample_text(model, tokenizer, run.config.sample)
   for text in texts:

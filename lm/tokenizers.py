@@ -1,10 +1,17 @@
-"""Tokenizers: byte-level, character-level (with byte fallback) and BPE files.
+"""Tokenizers: byte-level, character-level (with byte fallback), BPE and word-piece files.
 
-Every tokenizer round-trips any valid Unicode string exactly: `decode(encode(s)) == s`.
+Every tokenizer but word-piece round-trips any valid Unicode string exactly:
+`decode(encode(s)) == s` (word-piece, BERT's, lowercases and splits on whitespace and
+punctuation: it keeps the words, not the spacing).
 - byte: ids are the UTF-8 bytes (vocab 256); needs no training.
 - char: ids 0..255 are UTF-8 bytes, 256.. the characters seen in the training text. A
   character outside that vocabulary falls back to its UTF-8 bytes, so nothing is lost.
 - bpe: a Hugging Face `tokenizers` file (tokenizer.json), loaded from disk or trained.
+- wordpiece: BERT's (a tokenizer.json with a WordPiece model), trained here or loaded, with
+  [PAD] [UNK] [CLS] [SEP] [MASK]; `encode` gives the text's pieces only, `encode_special` adds
+  [CLS]/[SEP] and token types through the file's post-processor ([CLS] A [SEP] B [SEP]).
+Special tokens: `special_ids(tok)` -> {"[CLS]": id, ...} (empty for byte and bpe). A char
+tokenizer trained with `specials` has them after its characters (the encoder's tasks).
 A tokenizer serialises to JSON (`to_json`/`from_json`), stored in checkpoints and as
 `tokenizer.json` in the run's directory (`save`/`load`).
 
@@ -82,17 +89,28 @@ class ByteTokenizer:
     return json.dumps({"type": "byte"})
 
 
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # word-piece's, at ids 0..4
+CHAR_SPECIALS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]")  # char: no [UNK] (bytes fall back)
+
+
+def special_ids(tok) -> dict[str, int]:
+  """{special token: id} of a tokenizer ([CLS], [SEP], [PAD], [MASK], ...); {} if none."""
+  return dict(getattr(tok, "special_ids", {}))
+
+
 class CharTokenizer:
   kind = "char"
 
-  def __init__(self, chars: Iterable[str]):
+  def __init__(self, chars: Iterable[str], specials: Iterable[str] = ()):
     self.chars = sorted(set(chars))
     self.index = {c: 256 + i for i, c in enumerate(self.chars)}
-    self.vocab_size = 256 + len(self.chars)
+    self.specials = list(specials)  # ids after the characters; never produced by encode
+    self.special_ids = {name: 256 + len(self.chars) + i for i, name in enumerate(self.specials)}
+    self.vocab_size = 256 + len(self.chars) + len(self.specials)
 
   @classmethod
-  def train(cls, text: str) -> "CharTokenizer":
-    return cls(set(clean_text(text)))
+  def train(cls, text: str, specials: Iterable[str] = ()) -> "CharTokenizer":
+    return cls(set(clean_text(text)), specials)
 
   def encode(self, text: str) -> np.ndarray:
     index = self.index
@@ -115,13 +133,16 @@ class CharTokenizer:
       if pending:
         parts.append(pending.decode("utf-8", errors="replace"))
         pending = bytearray()
-      parts.append(self.chars[i - 256] if i - 256 < len(self.chars) else "\ufffd")
+      j = i - 256 - len(self.chars)
+      parts.append(self.chars[i - 256] if i - 256 < len(self.chars) else
+                   self.specials[j] if j < len(self.specials) else "\ufffd")
     if pending:
       parts.append(pending.decode("utf-8", errors="replace"))
     return "".join(parts)
 
   def to_json(self) -> str:
-    return json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False)
+    extra = {"specials": self.specials} if self.specials else {}
+    return json.dumps({"type": "char", "chars": self.chars, **extra}, ensure_ascii=False)
 
 
 class BPETokenizer:
@@ -153,16 +174,72 @@ class BPETokenizer:
     return self.tok.to_str()
 
 
+class WordPieceTokenizer(BPETokenizer):
+  """BERT's word-piece tokenizer (a Hugging Face tokenizer.json with a WordPiece model)."""
+  kind = "wordpiece"
+
+  def __init__(self, tok):
+    super().__init__(tok)
+    self.special_ids = {name: tok.token_to_id(name) for name in SPECIALS
+                        if tok.token_to_id(name) is not None}
+
+  @classmethod
+  def train(cls, texts: Iterable[str], vocab_size: int) -> "WordPieceTokenizer":
+    """Trained on `texts` as bert-base-uncased is made: BERT's normaliser (lowercase, accents
+    stripped) and pre-tokenizer, "##" continuation pieces, SPECIALS at ids 0..4, and the
+    post-processor "[CLS] $A [SEP]" / "[CLS] $A [SEP] $B:1 [SEP]:1"."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors, trainers
+    tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                        show_progress=False)
+    tok.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
+    # The trainer numbers the same vocabulary differently from run to run (the "##x" alphabet
+    # comes out of a hash map), so two runs with one seed got different ids: renumber it
+    # canonically, the specials first, then by string (WordPiece matches by string, not id).
+    # Its choice between merges of equal count can still vary (seen on a repeated line, not
+    # on the plays); a run's own tokenizer is saved, so resuming never depends on it.
+    pieces = sorted(set(tok.get_vocab()) - set(SPECIALS))
+    tok.model = models.WordPiece({p: i for i, p in enumerate(list(SPECIALS) + pieces)},
+                                 unk_token="[UNK]")
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return cls(tok)
+
+  def encode(self, text: str) -> np.ndarray:
+    """The pieces of `text`, without [CLS]/[SEP] (corpora are encoded as one stream)."""
+    return np.asarray(self.tok.encode(clean_text(text), add_special_tokens=False).ids, np.int32)
+
+  def encode_special(self, text: str, pair: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, token type ids) of `text` (and `pair`) with the post-processor's [CLS]/[SEP]."""
+    enc = self.tok.encode(clean_text(text), None if pair is None else clean_text(pair))
+    return np.asarray(enc.ids, np.int32), np.asarray(enc.type_ids, np.int32)
+
+  def continuation(self) -> np.ndarray:
+    """bool [vocab_size]: whether a piece continues a word ("##ing"), for whole-word masking."""
+    out = np.zeros(self.vocab_size, bool)
+    for piece, i in self.tok.get_vocab().items():
+      out[i] = piece.startswith("##")
+    return out
+
+
 def from_json(text: str) -> Tokenizer:
-  """Inverse of `to_json`; also reads a Hugging Face tokenizer.json."""
+  """Inverse of `to_json`; also reads a Hugging Face tokenizer.json (WordPiece or BPE)."""
   payload = json.loads(text)
   kind = payload.get("type")
   if kind == "byte":
     return ByteTokenizer()
   if kind == "char":
-    return CharTokenizer(payload["chars"])
+    return CharTokenizer(payload["chars"], payload.get("specials", ()))
   from tokenizers import Tokenizer as HFTokenizer
-  return BPETokenizer(HFTokenizer.from_str(text))
+  model = payload.get("model") or {}
+  cls = WordPieceTokenizer if model.get("type") == "WordPiece" else BPETokenizer
+  return cls(HFTokenizer.from_str(text))
 
 
 def load(directory: str) -> Tokenizer:

@@ -24,16 +24,18 @@ from flax import nnx
 from lm import sharding
 from lm import validate
 from lm.errors import UsageError
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, build
 
 
 # Weight decay by what a parameter is (lm/model.py's names), never by its shape: the weight
 # matrices of dense layers and the embeddings are decayed; norm scales and biases are not, even
 # the attention biases bq/bk/bv of shape [heads, head_dim]. A new name must be added to one set.
 DECAYED = frozenset({"embed", "pos_embed", "head", "cls_head",  # embeddings, output heads
-                     "wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out"})  # dense layers
+                     "wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out",  # dense layers
+                     "type_embed", "mlm_w", "pool_w"})  # the encoder's (lm.model.Encoder)
 NOT_DECAYED = frozenset({"scale", "bias",  # LayerNorm
-                         "bq", "bk", "bv", "bo", "b_in", "b_out", "cls_bias"})  # biases
+                         "bq", "bk", "bv", "bo", "b_in", "b_out", "cls_bias",  # biases
+                         "mlm_b", "mlm_bias", "pool_b"})
 
 
 def decays_weight(path) -> bool:
@@ -105,7 +107,7 @@ class Run:
 
 
 def _build(model_cfg: ModelConfig, tx, seed: int, rules):
-  model = Transformer(model_cfg, nnx.Rngs(params=jax.random.key(seed)), rules)
+  model = build(model_cfg, nnx.Rngs(params=jax.random.key(seed)), rules)
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 

@@ -51,7 +51,7 @@ def _one_of(*allowed):
 
 
 def _tokenizer(v):
-  if v in ("char", "byte", "bpe"):
+  if v in ("char", "byte", "bpe", "wordpiece"):
     return True
   path = v if v.endswith(".json") else os.path.join(v, "tokenizer.json")
   return os.path.isfile(path)
@@ -63,6 +63,7 @@ POS, NONNEG = _at_least(1), _at_least(0)
 # (path, type, (test, allowed)); int accepts no bool, float accepts int.
 FIELDS = (
     ("seed", int, ((lambda v: 0 <= v < 2**31), "in [0, 2**31)")),
+    ("model.arch", str, _one_of("decoder", "encoder")),
     ("model.num_layers", int, POS),
     ("model.num_heads", int, POS),
     ("model.num_kv_heads", int, NONNEG),
@@ -73,7 +74,7 @@ FIELDS = (
     ("model.positions", str, _one_of("rope", "learned")),
     ("model.norm", str, _one_of("pre", "post")),
     ("model.norm_type", str, _one_of("layernorm", "rmsnorm")),
-    ("model.mlp", str, _one_of("gelu", "swiglu")),
+    ("model.mlp", str, _one_of("gelu", "gelu_erf", "swiglu")),
     ("model.use_bias", bool, _ANY),
     ("model.qkv_bias", bool, _ANY),
     ("model.tie_embeddings", bool, _ANY),
@@ -85,8 +86,11 @@ FIELDS = (
     ("model.num_classes", int, NONNEG),
     ("model.attention_window", int, ((lambda v: v >= -1), ">= -1 (-1: the trained window, "
                                                           "0: full)")),
+    ("model.type_vocab_size", int, NONNEG),
+    ("model.mlm_head", bool, _ANY),
+    ("model.pooler", bool, _ANY),
     ("data.path", str, _ANY),
-    ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe or the path of a "
+    ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe, wordpiece or the path of a "
                                          "tokenizer.json (or of its directory)")),
     ("data.vocab_size", int, _at_least(2)),
     ("data.seq_len", int, POS),
@@ -130,13 +134,16 @@ FIELDS = (
     ("classify.min_chars", int, NONNEG),
     ("classify.balanced", bool, _ANY),
     ("classify.genres", str, _ANY),
+    ("mlm.mask_prob", float, _in(0, 1, lo_open=True)),
+    ("mlm.whole_word", bool, _ANY),
 )
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
 OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "sample.early_stopping", "classify.min_chars", "classify.balanced",
-            "classify.genres",
+            "classify.genres", "mlm.mask_prob", "mlm.whole_word",
             "model.norm_type", "model.qkv_bias", "model.rope_scaling",  # absent before issue 16
-            "model.attention_window"}  # absent before issue 18
+            "model.attention_window",  # absent before issue 18
+            "model.arch", "model.type_vocab_size", "model.mlm_head", "model.pooler"}  # issue 14
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -213,6 +220,14 @@ def check_config(config, mode: str = "train") -> None:
   if mode == "sample" and tc.task != "lm":
     raise UsageError(f"train.task={tc.task!r}: --mode=sample needs a language model (task lm); "
                      f"a {tc.task} model has no text to generate")
+  arch = model.get("arch", "decoder")
+  if tc.task in ("lm", "mlm") and arch != ("decoder" if tc.task == "lm" else "encoder"):
+    want = "decoder" if tc.task == "lm" else "encoder"
+    raise UsageError(f"train.task={tc.task!r} needs model.arch={want!r}, the config says "
+                     f"{arch!r}" + (" (experiments/bert_mlm.py is an encoder config)"
+                                    if tc.task == "mlm" else ""))
+  if tc.task == "mlm" and not model.get("mlm_head", False):
+    raise UsageError("train.task='mlm' needs model.mlm_head=True (the masked-LM head)")
   if mode == "train" and not tc.init_from:
     model_config(config, vocab_size=1)
 

@@ -193,6 +193,11 @@ CASES = [
     ("eval_token_file_with_char_run", _token_file_for_a_char_run, None),
     ("read_only_resume", ["--config.train.num_steps=6", "read_only"], "Read-only file system"),
     ("read_only_eval", ["--mode=eval", "read_only"], "Read-only file system"),
+    # Issue 14: the encoder family and its masked-LM task.
+    ("unknown_arch", ["--config.model.arch=bert"], "model.arch='bert': expected one of"),
+    ("mlm_with_a_decoder", ["--config.train.task=mlm"], "needs model.arch='encoder'"),
+    ("mlm_on_a_char_lm_run", ["--config=experiments/bert_mlm.py"],
+     "masked-LM needs a tokenizer with [CLS], [SEP], [PAD], [MASK]"),
 ]
 
 

@@ -57,6 +57,17 @@ GOLDEN = {
     "blocks/mlp/w_out": (("tensor", "fsdp"), (None, "fsdp"), ("tensor", None), (None, None)),
     "blocks/mlp/b_in": (("tensor",), (None,), ("tensor",), (None,)),
     "blocks/mlp/b_out": (("fsdp",), ("fsdp",), (None,), (None,)),
+    # the encoder's (lm.model.Encoder)
+    "type_embed": ((None, "fsdp"), (None, "fsdp"), (None, None), (None, None)),
+    "emb_ln/scale": ((None,), (None,), (None,), (None,)),
+    "emb_ln/bias": ((None,), (None,), (None,), (None,)),
+    "mlm_w": (("fsdp", None), ("fsdp", None), (None, None), (None, None)),
+    "mlm_b": ((None,), (None,), (None,), (None,)),
+    "mlm_ln/scale": ((None,), (None,), (None,), (None,)),
+    "mlm_ln/bias": ((None,), (None,), (None,), (None,)),
+    "mlm_bias": (("tensor",), (None,), ("tensor",), (None,)),
+    "pool_w": (("fsdp", None), ("fsdp", None), (None, None), (None, None)),
+    "pool_b": ((None,), (None,), (None,), (None,)),
 }
 
 # The model variants we have; each a few layers of d_model 64, 8 heads, d_ff 128, vocab 64.
@@ -65,6 +76,8 @@ MODELS = {
     "llama_like": dict(use_bias=False, mlp="swiglu", tie_embeddings=True, positions="rope"),
     "gqa": dict(num_kv_heads=4, use_bias=True, mlp="swiglu"),
     "classifier": dict(num_classes=6, mlp="gelu"),
+    "bert_like": dict(arch="encoder", positions="learned", norm="post", mlp="gelu_erf",
+                      use_bias=True, type_vocab_size=2, mlm_head=True, num_classes=6),
 }
 
 

@@ -16,6 +16,7 @@ import importlib
 NAMES = {
     "lm": "lm.tasks.lm",  # next-token prediction (language modelling)
     "classify": "lm.tasks.classify",  # genre of a Shakespeare speech
+    "mlm": "lm.tasks.mlm",  # masked language modelling (BERT), for encoders
 }
 
 

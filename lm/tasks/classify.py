@@ -9,8 +9,10 @@ documents) and the first max(1, round(n * data.val_fraction)) go to validation, 
 genre is represented there and no play is on both sides.
 
 The model is the language model's Transformer with a classification head pooled from the
-last real token (`Transformer.classify`), trained with cross-entropy; with
-config.train.init_from it starts from a language model's parameters (the head is fresh).
+last real token (`Transformer.classify`), or (model.arch="encoder") the encoder's head on its
+pooled [CLS] (`Encoder.classify`; each speech is [CLS] + its tokens + [SEP], padding masked),
+trained with cross-entropy; with config.train.init_from it starts from a language model's or
+a masked-LM encoder's parameters (the head, and the encoder's pooler, are fresh).
 Reported: held-out accuracy against the majority-class baseline (always answering the
 commonest genre of the training speeches), and against the best constant answer in
 hindsight (the commonest genre of the held-out speeches).
@@ -36,6 +38,7 @@ from absl import logging
 
 from lm import data as data_lib
 from lm import runtime
+from lm import tokenizers
 from lm import train as train_lib
 from lm.errors import UsageError
 
@@ -117,13 +120,18 @@ def genre_dataset(val_fraction: float = 0.1, min_chars: int = 0,
   return Dataset(classes, make(*parts[False]), make(*parts[True]))
 
 
-def encode(tokenizer, texts: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode(tokenizer, texts: list[str], seq_len: int,
+           specials: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(tokens [n, seq_len] right-padded with 0, lengths [n]); a text keeps its first seq_len
-  tokens."""
+  tokens. specials (an encoder's): each row is [CLS] + its first seq_len - 2 tokens + [SEP]."""
   tokens = np.zeros((len(texts), seq_len), np.int32)
   lengths = np.zeros((len(texts),), np.int32)
   for i, text in enumerate(texts):
-    ids = np.asarray(tokenizer.encode(text), np.int32)[:seq_len]
+    if specials:
+      ids = np.asarray(tokenizer.encode(text), np.int32)[:seq_len - 2]
+      ids = np.concatenate([[specials["[CLS]"]], ids, [specials["[SEP]"]]]).astype(np.int32)
+    else:
+      ids = np.asarray(tokenizer.encode(text), np.int32)[:seq_len]
     if len(ids) == 0:
       ids = np.asarray(tokenizer.encode(" "), np.int32)[:1]
     tokens[i, :len(ids)] = ids
@@ -189,9 +197,17 @@ def with_classes(config, ds: Dataset):
   return config
 
 
+def class_logits(model, tokens, lengths, rngs=None):
+  """[B, num_classes] of right-padded tokens [B, T] with lengths [B], for either family."""
+  if model.cfg.arch == "encoder":
+    mask = (jnp.arange(tokens.shape[1]) < lengths[:, None]).astype(jnp.int32)
+    return model.classify(tokens, mask, rngs=rngs)
+  return model.classify(tokens, lengths, rngs=rngs)
+
+
 def loss_and_accuracy(model, batch, rngs=None):
   """(mean cross-entropy, {"train_accuracy": mean}) of a batch {tokens, lengths, labels}."""
-  logits = model.classify(batch["tokens"], batch["lengths"], rngs=rngs)
+  logits = class_logits(model, batch["tokens"], batch["lengths"], rngs)
   labels = batch["labels"]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, {"train_accuracy": (logits.argmax(-1) == labels).mean()}
@@ -199,7 +215,7 @@ def loss_and_accuracy(model, batch, rngs=None):
 
 def row_losses_and_predictions(model, batch):
   """(per-row loss [B], predicted class [B]); padding rows (length 0) pool their first token."""
-  logits = model.classify(batch["tokens"], jnp.maximum(batch["lengths"], 1))
+  logits = class_logits(model, batch["tokens"], jnp.maximum(batch["lengths"], 1))
   return (optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]),
           logits.argmax(-1))
 
@@ -241,7 +257,8 @@ class Classify(runtime.Task):
   def load_data(self, config, tokenizer):
     ds = dataset_for(config)
     config = with_classes(config, ds)
-    tokenizer = tokenizer or data_lib.make_tokenizer(config.data, ds.train.texts)
+    encoder = config.model.get("arch", "decoder") == "encoder"
+    tokenizer = tokenizer or data_lib.make_tokenizer(config.data, ds.train.texts, encoder)
     logging.info("genre classification: %d classes %s, %d training speeches from %d plays, "
                  "%d held-out from %d plays %s", len(ds.classes), ds.classes,
                  len(ds.train.texts), len(set(ds.train.plays)), len(ds.val.texts),
@@ -263,8 +280,15 @@ class Classify(runtime.Task):
   @staticmethod
   def _encode(config, tokenizer, ds: Dataset) -> Encoded:
     seq_len = config.data.seq_len
-    train_tokens, train_lengths = encode(tokenizer, ds.train.texts, seq_len)
-    val_tokens, val_lengths = encode(tokenizer, ds.val.texts, seq_len)
+    specials = None
+    if config.model.get("arch", "decoder") == "encoder":
+      specials = tokenizers.special_ids(tokenizer)
+      if "[CLS]" not in specials or "[SEP]" not in specials or seq_len < 3:
+        raise UsageError(f"the encoder classifies [CLS] + tokens + [SEP]: it needs a tokenizer "
+                         f"with [CLS] and [SEP] (this {tokenizer.kind} one has "
+                         f"{sorted(specials) or 'none'}) and data.seq_len >= 3")
+    train_tokens, train_lengths = encode(tokenizer, ds.train.texts, seq_len, specials)
+    val_tokens, val_lengths = encode(tokenizer, ds.val.texts, seq_len, specials)
     return Encoded(ds, train_tokens, train_lengths, val_tokens, val_lengths)
 
   def batch(self, data: Encoded, config, step):

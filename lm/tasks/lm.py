@@ -19,6 +19,7 @@ from flax import nnx
 from lm import data as data_lib
 from lm import runtime
 from lm import train as train_lib
+from lm.errors import UsageError
 
 
 def cross_entropy(logits, targets, weights=None):
@@ -35,14 +36,24 @@ def eval_sums(model, batch):
   return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], batch["weights"])
 
 
+def check_decoder(config):
+  """UsageError unless the model (the config's, or the checkpoint's it now holds) is a decoder."""
+  arch = config.model.get("arch", "decoder")
+  if arch != "decoder":
+    raise UsageError(f"train.task='lm' (next token) needs model.arch='decoder'; this model is an "
+                     f"{arch} (its task: mlm or classify)")
+
+
 class LanguageModel(runtime.Task):
   name = "lm"
 
   def load_data(self, config, tokenizer):
+    check_decoder(config)
     corpus = data_lib.load_corpus(config.data, tokenizer)
     return config, corpus.tokenizer, corpus
 
   def eval_data(self, config, tokenizer, data_path):
+    check_decoder(config)
     data_cfg = copy.deepcopy(config.data)
     if data_path is not None:
       with data_cfg.unlocked():
