@@ -241,9 +241,11 @@ def trained_window(meta: dict) -> int:
   """The attention window a checkpoint's model was trained with (its meta: config, ...): its
   model.attention_window when > 0; 0 (full) when it says 0 or was converted from another
   library (trained at its whole context); else (-1, auto, or a checkpoint older than the
-  field) its training data.seq_len, the longest span it ever attended over."""
-  window = meta["config"]["model"].get("attention_window", -1)
-  if window >= 0 or "converted_from" in meta:
+  field) its training data.seq_len, the longest span it ever attended over. Always 0 for an
+  encoder (its attention is bidirectional, never windowed)."""
+  model = meta["config"]["model"]
+  window = model.get("attention_window", -1)
+  if window >= 0 or "converted_from" in meta or model.get("arch", "decoder") != "decoder":
     return max(window, 0)
   return meta["config"]["data"]["seq_len"]
 

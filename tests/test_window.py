@@ -116,6 +116,9 @@ def test_cache_size_does_not_grow_with_generated_length():
     ({"config": {"model": {"attention_window": 0}, "data": {"seq_len": 64}}}, 0),
     ({"config": {"model": {"attention_window": 32}, "data": {"seq_len": 64}}}, 32),
     ({"config": {"model": {}, "data": {"seq_len": 64}}, "converted_from": "/hf"}, 0),
+    # An encoder is never windowed (merging issues 14 and 18 gave its eval a window of 32).
+    ({"config": {"model": {"arch": "encoder", "attention_window": -1},
+                 "data": {"seq_len": 32}}}, 0),
 ])
 def test_trained_window(meta, want):
   assert runtime.trained_window(meta) == want
