@@ -12,9 +12,11 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lm import layers
 from lm.errors import UsageError
 
 
@@ -58,18 +60,32 @@ class Checkpointer:
     return out.meta
 
   def restore(self, abstract_state: nnx.State, step: int | None = None) -> nnx.State:
-    """Restores into the shapes and shardings of `abstract_state` (any mesh, any device count)."""
+    """Restores into the shapes and shardings of `abstract_state` (any mesh, any device count).
+
+    The layer layout may differ from the checkpoint's (model.scan_layers, lm/layers.py): a
+    checkpoint of per-layer parameters (all from before issue 17) restores into stacked ones
+    and back: when the target's layout does not restore, the other one is tried."""
     step = self.latest_step() if step is None else step
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         nnx.to_pure_dict(abstract_state))
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))
-    except Exception as e:
-      raise self._unreadable(step, e) from None
+    want = layers.layout_of(target)
+    layouts = (want,) if want is None else (want, "per_layer" if want == "stacked" else "stacked")
+    first_error = None
+    for layout in layouts:
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_in_layout(target, layout))))
+        break
+      except Exception as e:
+        first_error = first_error or e
+    else:
+      raise self._unreadable(step, first_error) from None
+    values = out.state
+    if layout != want:  # convert, then place as the target says
+      values = jax.device_put(_in_layout(values, want), jax.tree.map(lambda x: x.sharding, target))
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill
-    nnx.replace_by_pure_dict(state, out.state)
+    nnx.replace_by_pure_dict(state, values)
     return state
 
   def _unreadable(self, step: int, error: Exception) -> UsageError:
@@ -92,6 +108,32 @@ class Checkpointer:
       if exc_type is None:  # else keep the first error: it says what went wrong
         raise
     return False
+
+
+def _in_layout(tree, layout: str | None):
+  """A pure-dict train state (arrays or ShapeDtypeStructs) with its layers in `layout`
+  ("stacked" or "per_layer"; None: as it is). A struct's sharding gains or loses the stacked
+  axis's entry."""
+  if layout is None or layers.layout_of(tree) == layout:
+    return tree
+
+  def struct(x, shape, spec):
+    where = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=where)
+
+  if layout == "stacked":
+    def stack(xs):
+      if not isinstance(xs[0], jax.ShapeDtypeStruct):
+        return jnp.stack(xs)
+      spec = tuple(xs[0].sharding.spec) + (None,) * (xs[0].ndim - len(xs[0].sharding.spec))
+      return struct(xs[0], (len(xs), *xs[0].shape), (None, *spec))
+    return layers.stack_layers(tree, stack)
+
+  def take(x, i):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      return x[i]
+    return struct(x, x.shape[1:], tuple(x.sharding.spec)[1:])
+  return layers.unstack_layers(tree, take=take)
 
 
 def _os_error_in(e: BaseException) -> OSError | None:

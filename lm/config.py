@@ -54,6 +54,9 @@ def _model() -> ml_collections.ConfigDict:
   model.rope_scaling = ""  # "" | "llama3:factor=8,low_freq_factor=1,high_freq_factor=4,..."
   model.dtype = "float32"  # compute dtype: bfloat16 on GPU
   model.num_classes = 0  # > 0 adds a sequence-classification head
+  model.scan_layers = True  # layers as one lax.scan over stacked parameters (compile time flat
+  # in depth); False: a Python loop over per-layer parameters. Checkpoints load either way.
+  model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
   return model
 
 def _data() -> ml_collections.ConfigDict:

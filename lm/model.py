@@ -14,8 +14,8 @@ from lm import sharding
 # ModelConfig and its field lists live with the layers (below this module); re-exported here
 # because callers think of them as the model's.
 from lm.layers import (LEGACY_DEFAULTS, LLAMA3_KEYS, RUNTIME_FIELDS, Block, LayerCache,  # noqa: F401
-                       LayerNorm, ModelConfig, checkpoint_fields, normal, param,
-                       parse_rope_scaling, zeros)
+                       LayerNorm, ModelConfig, checkpoint_fields, make_blocks, normal, param,
+                       parse_rope_scaling, run_blocks, zeros)
 
 
 class Transformer(nnx.Module):
@@ -33,7 +33,7 @@ class Transformer(nnx.Module):
       self.pos_embed = param(rngs, normal(0.01), (cfg.max_seq_len, cfg.d_model), (None, "embed"))
     else:
       self.pos_embed = None
-    self.blocks = nnx.List([Block(cfg, rngs, rules) for _ in range(cfg.num_layers)])
+    self.blocks = make_blocks(cfg, rngs, rules)  # stacked [layers, ...] when cfg.scan_layers
     self.ln_f = LayerNorm(cfg, rngs) if cfg.norm == "pre" else None
     if not cfg.tie_embeddings:
       self.head = param(rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
@@ -59,15 +59,11 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0)
     x = self.dropout(x.astype(cfg.compute_dtype), rngs=rngs, deterministic=rngs is None)
-    new_cache = []
-    for i, block in enumerate(self.blocks):
-      # Residual stream split over batch only (no-op without a mesh): weights are gathered.
-      x = sharding.constrain(x, ("batch", None, None), self.rules)
-      x, c = block(x, positions, segment_ids, None if cache is None else cache[i], cache_index, rngs)
-      new_cache.append(c)
+    x, cache = run_blocks(self.blocks, cfg, x, positions, segment_ids, cache, cache_index, rngs,
+                          self.rules)
     if self.ln_f is not None:
       x = self.ln_f(x)
-    return x, (None if cache is None else new_cache)
+    return x, cache
 
   def logits(self, x):
     w = self.embed[...].T if self.head is None else self.head[...]

@@ -23,6 +23,8 @@ TASKS = tuple(NAMES)  # the objectives of lm/tasks/
 ATTENTION_IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")  # = attention.IMPLS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable")  # = lm.layers.REMAT_POLICIES
 
 
 def _at_least(lo):
@@ -83,6 +85,8 @@ FIELDS = (
     ("model.rope_scaling", str, _ANY),  # its form: ModelConfig (lm.model.parse_rope_scaling)
     ("model.dtype", str, _one_of(*DTYPES)),
     ("model.num_classes", int, NONNEG),
+    ("model.scan_layers", bool, _ANY),
+    ("model.remat", str, _one_of(*REMAT_POLICIES)),
     ("data.path", str, _ANY),
     ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe or the path of a "
                                          "tokenizer.json (or of its directory)")),
@@ -129,7 +133,8 @@ FIELDS = (
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
 OPTIONAL = {"sample.stop_token", "classify.min_chars", "classify.balanced",
             "classify.genres",
-            "model.norm_type", "model.qkv_bias", "model.rope_scaling"}  # absent before issue 16
+            "model.norm_type", "model.qkv_bias", "model.rope_scaling",  # absent before issue 16
+            "model.scan_layers", "model.remat"}  # absent before issue 17
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
