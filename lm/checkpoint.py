@@ -27,27 +27,50 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    self._pending = None  # the step of a save still being written (save(wait=False))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: nnx.State, meta: dict) -> None:
+  def save(self, step: int, state: nnx.State, meta: dict, wait: bool = True) -> None:
     """Writes step `step` completely or not at all; a file-system failure (disk full, ...)
     raises UsageError naming the step and the latest complete checkpoint, which stays the
-    latest (Orbax renames a step's directory only once it is written)."""
+    latest (Orbax renames a step's directory only once it is written).
+
+    wait=False returns once the arrays are copied to host memory (the state may then be
+    donated to the next step) and writes in a background thread (Orbax's async
+    checkpointing): a failure then raises at the next save, `finish` or `close`, still
+    naming its own step. A crash mid-write leaves the earlier checkpoints as they were."""
+    self.finish()  # one save in flight at a time; the previous one's failure first
+    self._pending = step
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
           meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+      self._pending = None
+      self._raise_save_error(step, e)
+    if wait:
+      self.finish()
+
+  def finish(self) -> None:
+    """Waits for a save in flight (wait=False); UsageError if it failed for want of space."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
       self.manager.wait_until_finished()
-    except Exception as e:  # Orbax wraps the OSError of its writer threads in other types
-      cause = _os_error_in(e)
-      if cause is None:
-        raise
-      self.manager.reload()
-      raise UsageError(f"saving checkpoint {step} in {self.directory} failed: "
-                       f"{cause.strerror or cause} (the latest complete checkpoint is "
-                       f"{self.manager.latest_step()})") from e
+    except Exception as e:
+      self._raise_save_error(step, e)
+
+  def _raise_save_error(self, step: int, e: Exception):
+    cause = _os_error_in(e)  # Orbax wraps the OSError of its writer threads in other types
+    if cause is None:
+      raise e
+    self.manager.reload()
+    raise UsageError(f"saving checkpoint {step} in {self.directory} failed: "
+                     f"{cause.strerror or cause} (the latest complete checkpoint is "
+                     f"{self.manager.latest_step()})") from e
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -95,8 +118,10 @@ class Checkpointer:
                       f"step's directory away to resume from an earlier one")
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.finish()
+    finally:
+      self.manager.close()
 
   def __enter__(self):
     return self

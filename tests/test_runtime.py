@@ -162,7 +162,8 @@ def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoint, "StopSignal", Recorded)
   monkeypatch.setattr(train, "make_train_step", make_step)
   monkeypatch.setattr(checkpoint.Checkpointer, "save",
-                      lambda self, step, *a: (saves.append(step), real_save(self, step, *a)))
+                      lambda self, step, *a, **kw: (saves.append(step),
+                                                    real_save(self, step, *a, **kw)))
   config = tiny_config(**{"train.num_steps": 8, "train.checkpoint_every": 4,
                           "train.eval_every": 8, "train.log_every": 2})
   out = runtime.train(config, str(tmp_path), tasks.get("lm"))
