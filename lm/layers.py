@@ -1,8 +1,10 @@
 """The shared pieces every model family is built from (Flax NNX), and their config.
 
 Read top to bottom: ModelConfig (the model's shape and numerics), parameters with logical
-axis names, dense, LayerNorm/RMSNorm, rotary positions, attention with its KV cache, MLP and
-the residual block. lm/model.py builds the families from these; nothing here imports it.
+axis names, dense, LayerNorm/RMSNorm, rotary positions, attention with its KV cache, MLP,
+the residual block, and the layer stack (make_blocks/run_blocks: scanned over stacked
+parameters or looped, with remat). lm/model.py builds the families from these; nothing here
+imports it.
 
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
 "mlp"); lm/sharding.py maps them to mesh axes with rules from the config, so the layers know
