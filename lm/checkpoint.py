@@ -12,9 +12,11 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lm import layers
 from lm.errors import UsageError
 
 
@@ -25,27 +27,50 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    self._pending = None  # the step of a save still being written (save(wait=False))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: nnx.State, meta: dict) -> None:
+  def save(self, step: int, state: nnx.State, meta: dict, wait: bool = True) -> None:
     """Writes step `step` completely or not at all; a file-system failure (disk full, ...)
     raises UsageError naming the step and the latest complete checkpoint, which stays the
-    latest (Orbax renames a step's directory only once it is written)."""
+    latest (Orbax renames a step's directory only once it is written).
+
+    wait=False returns once the arrays are copied to host memory (the state may then be
+    donated to the next step) and writes in a background thread (Orbax's async
+    checkpointing): a failure then raises at the next save, `finish` or `close`, still
+    naming its own step. A crash mid-write leaves the earlier checkpoints as they were."""
+    self.finish()  # one save in flight at a time; the previous one's failure first
+    self._pending = step
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
           meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+      self._pending = None
+      self._raise_save_error(step, e)
+    if wait:
+      self.finish()
+
+  def finish(self) -> None:
+    """Waits for a save in flight (wait=False); UsageError if it failed for want of space."""
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
       self.manager.wait_until_finished()
-    except Exception as e:  # Orbax wraps the OSError of its writer threads in other types
-      cause = _os_error_in(e)
-      if cause is None:
-        raise
-      self.manager.reload()
-      raise UsageError(f"saving checkpoint {step} in {self.directory} failed: "
-                       f"{cause.strerror or cause} (the latest complete checkpoint is "
-                       f"{self.manager.latest_step()})") from e
+    except Exception as e:
+      self._raise_save_error(step, e)
+
+  def _raise_save_error(self, step: int, e: Exception):
+    cause = _os_error_in(e)  # Orbax wraps the OSError of its writer threads in other types
+    if cause is None:
+      raise e
+    self.manager.reload()
+    raise UsageError(f"saving checkpoint {step} in {self.directory} failed: "
+                     f"{cause.strerror or cause} (the latest complete checkpoint is "
+                     f"{self.manager.latest_step()})") from e
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -58,18 +83,32 @@ class Checkpointer:
     return out.meta
 
   def restore(self, abstract_state: nnx.State, step: int | None = None) -> nnx.State:
-    """Restores into the shapes and shardings of `abstract_state` (any mesh, any device count)."""
+    """Restores into the shapes and shardings of `abstract_state` (any mesh, any device count).
+
+    The layer layout may differ from the checkpoint's (model.scan_layers, lm/layers.py): a
+    checkpoint of per-layer parameters (all from before issue 17) restores into stacked ones
+    and back: when the target's layout does not restore, the other one is tried."""
     step = self.latest_step() if step is None else step
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         nnx.to_pure_dict(abstract_state))
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))
-    except Exception as e:
-      raise self._unreadable(step, e) from None
+    want = layers.layout_of(target)
+    layouts = (want,) if want is None else (want, "per_layer" if want == "stacked" else "stacked")
+    first_error = None
+    for layout in layouts:
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_in_layout(target, layout))))
+        break
+      except Exception as e:
+        first_error = first_error or e
+    else:
+      raise self._unreadable(step, first_error) from None
+    values = out.state
+    if layout != want:  # convert, then place as the target says
+      values = jax.device_put(_in_layout(values, want), jax.tree.map(lambda x: x.sharding, target))
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill
-    nnx.replace_by_pure_dict(state, out.state)
+    nnx.replace_by_pure_dict(state, values)
     return state
 
   def _unreadable(self, step: int, error: Exception) -> UsageError:
@@ -79,8 +118,10 @@ class Checkpointer:
                       f"step's directory away to resume from an earlier one")
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.finish()
+    finally:
+      self.manager.close()
 
   def __enter__(self):
     return self
@@ -92,6 +133,32 @@ class Checkpointer:
       if exc_type is None:  # else keep the first error: it says what went wrong
         raise
     return False
+
+
+def _in_layout(tree, layout: str | None):
+  """A pure-dict train state (arrays or ShapeDtypeStructs) with its layers in `layout`
+  ("stacked" or "per_layer"; None: as it is). A struct's sharding gains or loses the stacked
+  axis's entry."""
+  if layout is None or layers.layout_of(tree) == layout:
+    return tree
+
+  def struct(x, shape, spec):
+    where = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=where)
+
+  if layout == "stacked":
+    def stack(xs):
+      if not isinstance(xs[0], jax.ShapeDtypeStruct):
+        return jnp.stack(xs)
+      spec = tuple(xs[0].sharding.spec) + (None,) * (xs[0].ndim - len(xs[0].sharding.spec))
+      return struct(xs[0], (len(xs), *xs[0].shape), (None, *spec))
+    return layers.stack_layers(tree, stack)
+
+  def take(x, i):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      return x[i]
+    return struct(x, x.shape[1:], tuple(x.sharding.spec)[1:])
+  return layers.unstack_layers(tree, take=take)
 
 
 def _os_error_in(e: BaseException) -> OSError | None:

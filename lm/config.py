@@ -62,6 +62,13 @@ def _model() -> ml_collections.ConfigDict:
   model.type_vocab_size = 0  # encoder: token-type (segment A/B) embeddings, BERT 2
   model.mlm_head = False  # encoder: the masked-LM head (dense, GELU, LayerNorm, tied decoder)
   model.pooler = False  # encoder: dense + tanh on [CLS] (implied by num_classes > 0)
+  model.scan_layers = True  # layers as one lax.scan over stacked parameters (compile time flat
+  # in depth); False: a Python loop over per-layer parameters. Checkpoints load either way.
+  # What each layer keeps for the backward pass: none | full | dots_saveable (matmul outputs;
+  # the rest is recomputed) | dots_with_no_batch_dims_saveable | nothing_saveable |
+  # everything_saveable. On the CPU dots_saveable is faster than none (issue 17: XLA's
+  # temporaries are paged in afresh every step, so a smaller working set beats the recompute).
+  model.remat = "dots_saveable"
   return model
 
 def _data() -> ml_collections.ConfigDict:

@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from lm import tokenizers
+from lm import layers, tokenizers
 from lm.errors import UsageError
 from lm.model import LLAMA3_KEYS, ModelConfig, Transformer, build, parse_rope_scaling
 
@@ -511,8 +511,8 @@ def _bert_tensors(p: dict, cfg: ModelConfig) -> dict:
 
 def hf_tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Inverse of params_from_hf, with the names `*ForCausalLM.save_pretrained` writes (BERT:
-  `BertModel`/`BertFor*`)."""
-  p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  `BertModel`/`BertFor*`); the layers may be stacked (model.scan_layers) or per layer."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float32), layers.unstack_layers(params))
   if cfg.arch == "encoder":
     return {k: np.ascontiguousarray(v) for k, v in _bert_tensors(p, cfg).items()}
   out = _gpt2_tensors(p, cfg) if cfg.positions == "learned" else _llama_tensors(p, cfg)
@@ -565,9 +565,10 @@ def _llama_tensors(p: dict, cfg: ModelConfig) -> dict:
 
 
 def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
-  """The model of cfg.arch (Transformer, Encoder) holding `params` (a pure dict), allocating
-  nothing else."""
+  """The model of cfg.arch (Transformer, Encoder) holding `params` (a pure dict, layers stacked
+  or per layer: converted to cfg.scan_layers's layout), allocating nothing else."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
+  params = layers.stack_layers(params) if cfg.scan_layers else layers.unstack_layers(params)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 

@@ -352,3 +352,69 @@ def eval_batches(ids: np.ndarray, *, seq_len: int, batch_size: int,
       rows[r, :len(window)] = window
       weights[r, :len(window) - 1] = 1.0
     yield rows, weights
+
+
+class Prefetcher:
+  """Produces `make(step)` for steps start, start+1, ..., stop-1 in a background thread, up to
+  `depth` ahead of the consumer, in order; `get(step)` hands them over one by one.
+
+  make is called in step order from one thread, so a deterministic make (a batch from
+  (seed, step), put on the devices) gives exactly the items a plain loop would. An exception
+  in make is raised by the get of its step. `close` (also on leaving a `with`) stops the
+  thread without waiting for the items it would still make; nothing is left running after
+  an error or a SIGTERM.
+  """
+
+  def __init__(self, make, start: int, stop: int, depth: int = 2):
+    import queue
+    import threading
+    self._queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    self._make, self._next = make, start
+    self._thread = threading.Thread(target=self._produce, args=(start, stop), daemon=True,
+                                    name="batch-prefetch")
+    self._thread.start()
+
+  def _produce(self, start: int, stop: int) -> None:
+    import queue
+    for step in range(start, stop):
+      try:
+        item = (step, self._make(step), None)
+      except BaseException as e:  # handed to the consumer, who raises it at this step
+        item = (step, None, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if self._stop.is_set() or item[2] is not None:
+        return
+
+  def get(self, step: int):
+    """The item of `step` (the next one in order); raises what make raised for it."""
+    if step != self._next:
+      raise ValueError(f"Prefetcher.get({step}): the next step is {self._next}")
+    got, item, error = self._queue.get()
+    assert got == step, (got, step)
+    self._next += 1
+    if error is not None:
+      raise error
+    return item
+
+  def close(self) -> None:
+    import queue
+    self._stop.set()
+    while self._thread.is_alive():
+      try:  # unblock a producer waiting on a full queue
+        self._queue.get_nowait()
+      except queue.Empty:
+        pass
+      self._thread.join(timeout=0.05)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False

@@ -1,8 +1,10 @@
 """The shared pieces every model family is built from (Flax NNX), and their config.
 
 Read top to bottom: ModelConfig (the model's shape and numerics), parameters with logical
-axis names, dense, LayerNorm/RMSNorm, rotary positions, attention with its KV cache, MLP and
-the residual block. lm/model.py builds the families from these; nothing here imports it.
+axis names, dense, LayerNorm/RMSNorm, rotary positions, attention with its KV cache, MLP,
+the residual block, and the layer stack (make_blocks/run_blocks: scanned over stacked
+parameters or looped, with remat). lm/model.py builds the families from these; nothing here
+imports it.
 
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
 "mlp"); lm/sharding.py maps them to mesh axes with rules from the config, so the layers know
@@ -26,12 +28,19 @@ from lm import sharding
 # Model fields a run may change on resume, init_from or evaluation: how the model computes,
 # not what it computes. Every other field (checkpoint_fields) is fixed by a checkpoint, so a
 # new field is fixed unless it is added here.
-RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype", "attention_window")
-# What configs and checkpoints written before a field existed meant by its absence (issue 16).
+RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype", "attention_window", "scan_layers",
+                  "remat")
+# What configs and checkpoints written before a field existed meant by its absence (issues 16,
+# 17: a checkpoint without scan_layers holds one parameter set per layer).
 LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": "",
                    "attention_window": -1,  # -1: auto, the training length (issue 18)
-                   "arch": "decoder", "type_vocab_size": 0, "mlm_head": False, "pooler": False}
+                   "arch": "decoder", "type_vocab_size": 0, "mlm_head": False, "pooler": False,
+                   "scan_layers": False, "remat": "none"}
 ARCHS = ("decoder", "encoder")  # "encoder_decoder" (T5) is to come
+# model.remat: what a layer keeps for the backward pass ("none": everything, no recompute;
+# "full": only its input, jax's nothing_saveable; the others are jax.checkpoint_policies).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +79,8 @@ class ModelConfig:
   type_vocab_size: int
   mlm_head: bool
   pooler: bool
+  scan_layers: bool  # one Block with stacked [layers, ...] parameters under lax.scan, or a list
+  remat: str  # REMAT_POLICIES: what each layer saves for the backward pass
 
   def __post_init__(self):
     kv = self.kv_heads
@@ -85,7 +96,8 @@ class ModelConfig:
                                  ("norm_type", self.norm_type, ("layernorm", "rmsnorm")),
                                  ("mlp", self.mlp, ("gelu", "gelu_erf", "swiglu")),
                                  ("attention_impl", self.attention_impl, attention_lib.IMPLS),
-                                 ("dtype", self.dtype, ("float32", "bfloat16", "float16"))):
+                                 ("dtype", self.dtype, ("float32", "bfloat16", "float16")),
+                                 ("remat", self.remat, REMAT_POLICIES)):
       if value not in allowed:
         raise ValueError(f"model.{name}={value!r} is not one of {allowed}")
     if self.positions == "rope" and self.head_dim % 2:
@@ -380,3 +392,126 @@ class Block(nnx.Module):
       x = self.ln1(x + drop(a))
       x = self.ln2(x + drop(self.mlp(x)))
     return x, cache
+
+
+# --- the layer stack -------------------------------------------------------------------------
+# A model's num_layers Blocks in one of two layouts (cfg.scan_layers):
+#   scanned: one Block whose parameters carry a leading "layers" axis [num_layers, ...], run
+#     by lax.scan: the step traces and compiles one layer, whatever the depth (issue 17: at 48
+#     layers the unrolled loop took 144 s to compile); the optimizer updates a few big arrays.
+#   looped: an nnx.List of Blocks run by a Python loop, the readable reference (tests hold the
+#     two equal). Its parameter paths (blocks/<i>/...) are those of checkpoints from before
+#     issue 17; stack_layers / unstack_layers convert pure dicts between the layouts.
+# Encoders and decoders alike build theirs with make_blocks and run them with run_blocks.
+
+def make_blocks(cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES, block=Block):
+  """cfg.num_layers `block(cfg, rngs, rules)` modules: one with stacked parameters (the
+  logical axis "layers" first; no rule maps it, so it is never split over devices) when
+  cfg.scan_layers, else an nnx.List. Each layer draws its own initial values."""
+  if not cfg.scan_layers:
+    return nnx.List([block(cfg, rngs, rules) for _ in range(cfg.num_layers)])
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(rngs):
+    return block(cfg, rngs, rules)
+  return create(rngs)
+
+
+def remat_policy(name: str):
+  """jax.checkpoint's policy for a model.remat name; None for "none" (no rematerialisation)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={name!r} is not one of {REMAT_POLICIES}")
+  if name == "none":
+    return None
+  return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "full" else name)
+
+
+def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=None,
+               cache_index=0, rngs: nnx.Rngs | None = None, rules=sharding.DEFAULT_RULES):
+  """x [B, T, d_model] through the blocks of make_blocks, in order -> (x, new cache).
+
+  cache: None, or a list of per-layer caches (LayerCache) that each block updates at
+  cache_index; the new list comes back (None without one). With a cache the layers run as a
+  loop (also over stacked parameters, one slice per layer), so the cache keeps its per-layer
+  layout whichever way the parameters are stored; without one, stacked parameters are scanned.
+  rngs (a "dropout" stream) gives layer i the stream of key fold_in(rngs.dropout(), i) in both
+  layouts. Each layer is rematerialised by cfg.remat.
+  """
+  stacked = not isinstance(blocks, nnx.List)
+  n = cfg.num_layers
+  key = None if rngs is None else rngs.dropout()
+
+  def layer(graphdef, state, x, layer_cache, i):
+    # Residual stream split over batch only (no-op without a mesh): weights are gathered.
+    x = sharding.constrain(x, ("batch", None, None), rules)
+    layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
+    return nnx.merge(graphdef, state)(x, positions, segment_ids, layer_cache, cache_index,
+                                      layer_rngs)
+
+  policy = remat_policy(cfg.remat)
+  if policy is not None:
+    layer = jax.checkpoint(layer, policy=policy, static_argnums=(0,), prevent_cse=not stacked)
+  if stacked:
+    graphdef, state = nnx.split(blocks)
+    if cache is None:
+      def body(x, xs):
+        return layer(graphdef, xs[0], x, None, xs[1])[0], None
+      x, _ = jax.lax.scan(body, x, (state, jnp.arange(n)))
+      return x, None
+    states = [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+  else:
+    graphdef, states = None, [nnx.split(b) for b in blocks]
+  new_cache = []
+  for i in range(n):
+    g, s = (graphdef, states[i]) if stacked else states[i]
+    x, c = layer(g, s, x, None if cache is None else cache[i], i)
+    new_cache.append(c)
+  return x, (None if cache is None else new_cache)
+
+
+def _is_layer_dict(node) -> bool:
+  """A per-layer {0: ..., 1: ...} dict (keys ints, or digit strings as Orbax reads them)."""
+  return isinstance(node, dict) and bool(node) and all(str(k).isdigit() for k in node)
+
+
+def _map_blocks(tree, fn):
+  """`tree` (a nested dict: a pure-dict model or train state) with fn applied to the value of
+  every "blocks" key."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: fn(v) if k == "blocks" else _map_blocks(v, fn) for k, v in tree.items()}
+
+
+def stack_layers(tree, stack=None):
+  """Per-layer "blocks" ({i: {...}}) of a pure dict -> stacked ({... [num_layers, ...]});
+  already stacked blocks are kept. stack(list of leaves) -> leaf (default jnp.stack)."""
+  stack = stack or jnp.stack
+
+  def fn(blocks):
+    if not _is_layer_dict(blocks):
+      return blocks
+    layers = [blocks[k] for k in sorted(blocks, key=int)]
+    return jax.tree.map(lambda *xs: stack(list(xs)), *layers)
+  return _map_blocks(tree, fn)
+
+
+def unstack_layers(tree, take=None):
+  """Inverse of stack_layers: stacked "blocks" -> {i: {...}}, one entry per index of the
+  leading axis; per-layer blocks are kept. take(leaf, i) -> layer i's leaf (default leaf[i])."""
+  take = take or (lambda x, i: x[i])
+
+  def fn(blocks):
+    if _is_layer_dict(blocks):
+      return blocks
+    n = jax.tree.leaves(blocks)[0].shape[0]
+    return {i: jax.tree.map(lambda x, i=i: take(x, i), blocks) for i in range(n)}
+  return _map_blocks(tree, fn)
+
+
+def layout_of(tree) -> str | None:
+  """"stacked" or "per_layer": how the first "blocks" of a pure dict holds its layers (None
+  without blocks)."""
+  found = []
+  _map_blocks(tree, lambda b: found.append("per_layer" if _is_layer_dict(b) else "stacked"))
+  return found[0] if found else None

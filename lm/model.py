@@ -9,6 +9,8 @@ pooler and a sequence-classification head on the pooled [CLS].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,8 +20,8 @@ from lm.errors import UsageError
 # ModelConfig and its field lists live with the layers (below this module); re-exported here
 # because callers think of them as the model's.
 from lm.layers import (LEGACY_DEFAULTS, LLAMA3_KEYS, RUNTIME_FIELDS, Block, LayerCache,  # noqa: F401
-                       LayerNorm, ModelConfig, checkpoint_fields, dense, gelu, normal, param,
-                       parse_rope_scaling, zeros)
+                       LayerNorm, ModelConfig, checkpoint_fields, dense, gelu, make_blocks,
+                       normal, param, parse_rope_scaling, run_blocks, zeros)
 
 
 class Transformer(nnx.Module):
@@ -37,7 +39,7 @@ class Transformer(nnx.Module):
       self.pos_embed = param(rngs, normal(0.01), (cfg.max_seq_len, cfg.d_model), (None, "embed"))
     else:
       self.pos_embed = None
-    self.blocks = nnx.List([Block(cfg, rngs, rules) for _ in range(cfg.num_layers)])
+    self.blocks = make_blocks(cfg, rngs, rules)  # stacked [layers, ...] when cfg.scan_layers
     self.ln_f = LayerNorm(cfg, rngs) if cfg.norm == "pre" else None
     if not cfg.tie_embeddings:
       self.head = param(rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
@@ -63,15 +65,11 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0)
     x = self.dropout(x.astype(cfg.compute_dtype), rngs=rngs, deterministic=rngs is None)
-    new_cache = []
-    for i, block in enumerate(self.blocks):
-      # Residual stream split over batch only (no-op without a mesh): weights are gathered.
-      x = sharding.constrain(x, ("batch", None, None), self.rules)
-      x, c = block(x, positions, segment_ids, None if cache is None else cache[i], cache_index, rngs)
-      new_cache.append(c)
+    x, cache = run_blocks(self.blocks, cfg, x, positions, segment_ids, cache, cache_index, rngs,
+                          self.rules)
     if self.ln_f is not None:
       x = self.ln_f(x)
-    return x, (None if cache is None else new_cache)
+    return x, cache
 
   def logits(self, x):
     w = self.embed[...].T if self.head is None else self.head[...]
@@ -139,7 +137,7 @@ class Encoder(nnx.Module):
     self.type_embed = (param(rngs, std, (cfg.type_vocab_size, d), (None, "embed"))
                        if cfg.type_vocab_size else None)
     self.emb_ln = LayerNorm(cfg, rngs)
-    self.blocks = nnx.List([Block(cfg, rngs, rules, causal=False) for _ in range(cfg.num_layers)])
+    self.blocks = make_blocks(cfg, rngs, rules, block=functools.partial(Block, causal=False))
     self.ln_f = LayerNorm(cfg, rngs) if cfg.norm == "pre" else None
     untied = cfg.mlm_head and not cfg.tie_embeddings
     self.head = param(rngs, std, (d, cfg.vocab_size), ("embed", "vocab")) if untied else None
@@ -181,9 +179,7 @@ class Encoder(nnx.Module):
     if attention_mask is not None:  # (query ids, key ids): keys of id 0 are hidden from all
       keys = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
       segment_ids = (jnp.ones_like(keys), keys)
-    for block in self.blocks:
-      x = sharding.constrain(x, ("batch", None, None), self.rules)
-      x, _ = block(x, positions, segment_ids, None, 0, rngs)
+    x, _ = run_blocks(self.blocks, cfg, x, positions, segment_ids, rngs=rngs, rules=self.rules)
     return x if self.ln_f is None else self.ln_f(x)
 
   def mlm_logits(self, x):

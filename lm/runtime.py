@@ -29,6 +29,7 @@ from absl import logging
 from flax import nnx
 
 from lm import checkpoint as ckpt_lib
+from lm import data as data_lib
 from lm import tokenizers
 from lm import train as train_lib
 from lm import validate
@@ -349,7 +350,8 @@ def train(config, workdir: str, task: Task) -> dict:
   logging.info("done at step %d in %.1f s", step, time.time() - t_start)
   if step >= tc.num_steps and jax.process_index() == 0:
     task.report(job.run, state, job.tokenizer, job.data)
-  return {**loop.last_eval, "step": step, "wall_time_s": time.time() - t_start}
+  return {**loop.last_eval, "step": step, "wall_time_s": time.time() - t_start,
+          **{f"waited_{k}_s": v for k, v in loop.waited.items()}}
 
 
 class Loop:
@@ -366,41 +368,64 @@ class Loop:
     self.tokens_per_step = config.train.batch_size * config.data.seq_len
     self.flops = flops_per_token(run.model_cfg, config.data.seq_len) * self.tokens_per_step
     self.last_eval, self.t_log, self.since_log = {}, time.time(), 0
+    self.waited = {"batches": 0.0, "checkpoints": 0.0}  # seconds the loop waited for them
 
   def run(self, state, step: int, stop: ckpt_lib.StopSignal):
+    """Steps until train.num_steps or a SIGTERM; returns (state, step). The host never holds
+    the devices up: the batches are made and put on the devices ahead, in a background
+    thread (data.Prefetcher), checkpoints are written in the background (the last one, and
+    a SIGTERM's, before returning), and the loop reads device values only at log,
+    evaluation and save steps. self.waited adds up the seconds spent waiting for each."""
     job, tc = self.job, self.job.config.train
-    while step < tc.num_steps:
-      batch = job.task.batch(job.data, job.config, step)  # the global batch, on every process
-      batch = train_lib.put_micro_batches(job.run, batch, tc.grad_accum)
-      state, metrics = self.train_step(state, batch, step)
-      step += 1
-      self.since_log += 1
-      self.guard.update(metrics, step)
-      last = step == tc.num_steps
-      is_log = step % tc.log_every == 0 or last
-      is_eval = step % tc.eval_every == 0 or last
-      # A SIGTERM saves here, once, even when it arrives on a checkpoint step. Read once: a
-      # signal arriving between two reads would stop the run unsaved.
-      stopping = stop.requested
-      is_save = step % tc.checkpoint_every == 0 or last or stopping
-      if is_log or is_eval or is_save:
-        self.guard.check(self.ckpt.latest_step())  # the loop syncs here anyway
-      if is_log:
-        self.log(step, metrics)
-      if is_eval:
-        self.evaluate(step, state)
-      if is_save:
-        # One forward pass of what is about to be saved: parameters that every forward pass
-        # turns into NaN are never saved, even when they are finite themselves.
-        if not jnp.isfinite(self.loss_check(state, batch)):
-          self.guard.fail(f"the parameters after step {step} give a non-finite loss",
-                          self.ckpt.latest_step())
-        self.ckpt.save(step, state, {**self.meta, "step": step})
-        self.t_log = time.time()
-      if stopping:
-        logging.warning("SIGTERM: checkpoint saved at step %d, stopping", step)
-        break
+
+    def make(s):  # the global batch of step s (the same on every process), on the devices
+      batch = job.task.batch(job.data, job.config, s)
+      return train_lib.put_micro_batches(job.run, batch, tc.grad_accum)
+
+    t_start = time.time()
+    with data_lib.Prefetcher(make, step, tc.num_steps) as batches:
+      while step < tc.num_steps:
+        t = time.time()
+        batch = batches.get(step)
+        self.waited["batches"] += time.time() - t
+        state, metrics = self.train_step(state, batch, step)
+        step += 1
+        self.since_log += 1
+        self.guard.update(metrics, step)
+        last = step == tc.num_steps
+        is_log = step % tc.log_every == 0 or last
+        is_eval = step % tc.eval_every == 0 or last
+        # A SIGTERM saves here, once, even when it arrives on a checkpoint step. Read once: a
+        # signal arriving between two reads would stop the run unsaved.
+        stopping = stop.requested
+        is_save = step % tc.checkpoint_every == 0 or last or stopping
+        if is_log or is_eval or is_save:
+          self.guard.check(self.ckpt.latest_step())  # the loop syncs here anyway
+        if is_log:
+          self.log(step, metrics)
+        if is_eval:
+          self.evaluate(step, state)
+        if is_save:
+          self.save(step, state, batch, wait=last or stopping)
+        if stopping:
+          logging.warning("SIGTERM: checkpoint saved at step %d, stopping", step)
+          break
+    total = time.time() - t_start
+    logging.info("the loop waited %.1f%% of its %.1f s for batches, %.1f%% for checkpoints",
+                 100 * self.waited["batches"] / total, total,
+                 100 * self.waited["checkpoints"] / total)
     return state, step
+
+  def save(self, step: int, state, batch, wait: bool) -> None:
+    t = time.time()
+    # One forward pass of what is about to be saved: parameters that every forward pass
+    # turns into NaN are never saved, even when they are finite themselves.
+    if not jnp.isfinite(self.loss_check(state, batch)):
+      self.guard.fail(f"the parameters after step {step} give a non-finite loss",
+                      self.ckpt.latest_step())
+    self.ckpt.save(step, state, {**self.meta, "step": step}, wait=wait)
+    self.waited["checkpoints"] += time.time() - t
+    self.t_log = time.time()
 
   def log(self, step: int, metrics: dict) -> None:
     metrics = jax.device_get(metrics)

@@ -23,6 +23,8 @@ TASKS = tuple(NAMES)  # the objectives of lm/tasks/
 ATTENTION_IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")  # = attention.IMPLS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable")  # = lm.layers.REMAT_POLICIES
 
 
 def _at_least(lo):
@@ -89,6 +91,8 @@ FIELDS = (
     ("model.type_vocab_size", int, NONNEG),
     ("model.mlm_head", bool, _ANY),
     ("model.pooler", bool, _ANY),
+    ("model.scan_layers", bool, _ANY),
+    ("model.remat", str, _one_of(*REMAT_POLICIES)),
     ("data.path", str, _ANY),
     ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe, wordpiece or the path of a "
                                          "tokenizer.json (or of its directory)")),
@@ -143,7 +147,8 @@ OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "classify.genres", "mlm.mask_prob", "mlm.whole_word",
             "model.norm_type", "model.qkv_bias", "model.rope_scaling",  # absent before issue 16
             "model.attention_window",  # absent before issue 18
-            "model.arch", "model.type_vocab_size", "model.mlm_head", "model.pooler"}  # issue 14
+            "model.arch", "model.type_vocab_size", "model.mlm_head", "model.pooler",  # issue 14
+            "model.scan_layers", "model.remat"}  # absent before issue 17
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 

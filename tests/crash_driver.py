@@ -18,7 +18,7 @@ step_to_kill, when = int(sys.argv[1]), sys.argv[2]
 original_save = checkpoint.Checkpointer.save
 
 
-def save(self, step, state, meta):
+def save(self, step, state, meta, wait=True):
   if step == step_to_kill and when == "during":
     # Start the write as Orbax does, then die before it is committed.
     import orbax.checkpoint as ocp
@@ -27,7 +27,7 @@ def save(self, step, state, meta):
         state=ocp.args.StandardSave(nnx.to_pure_dict(state)), meta=ocp.args.JsonSave(meta)),
         force=True)
     os.kill(os.getpid(), signal.SIGKILL)
-  original_save(self, step, state, meta)
+  original_save(self, step, state, meta, wait=wait or step == step_to_kill)
   if step == step_to_kill:
     os.kill(os.getpid(), signal.SIGKILL)
 

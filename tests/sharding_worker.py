@@ -47,7 +47,7 @@ def config(impl: str, steps: int, rules=sharding.DEFAULT_RULES):
   m.attention_impl = impl
   # Pinned, whatever experiments/base.py defaults to (the golden count assumes this model).
   m.update(mlp="gelu", use_bias=False, tie_embeddings=True, positions="rope", norm="pre",
-           num_kv_heads=0, dropout=0.0, dtype="float32")
+           num_kv_heads=0, dropout=0.0, dtype="float32", scan_layers=True)  # stacked layers
   c.train.grad_accum = 1
   m.max_seq_len = 64
   c.train.batch_size = 8

@@ -30,6 +30,17 @@ def test_train_benchmark_times_the_real_step():
   assert "over 3 steps" in out and "1 layers, d_model 32" in out
 
 
+def test_train_benchmark_depth_table_has_a_row_per_depth():
+  out = _run("experiments/bench_train.py", "--config=experiments/base.py", "--depths=1,2",
+             "--config.model.d_model=32", "--config.model.d_ff=64",
+             "--config.train.batch_size=4", "--steps=2", "--warmup=1")
+  table = out[out.index("layers  init s"):].splitlines()
+  assert "process max RSS" in table[0]  # on the CPU: the peak resident set of each run
+  rows = [line.split() for line in table[1:]]
+  assert [r[0] for r in rows] == ["1", "2"] and rows[0][4] == "1.00"
+  assert all(float(r[3]) > 0 and float(r[6].replace(",", "")) > 0 for r in rows)
+
+
 def test_generate_benchmark_reports_each_batch_size():
   out = _run("experiments/bench_generate.py", "--batch_sizes=1,3", "--max_new_tokens=5",
              "--repeats=1", "--prompt_len=4")

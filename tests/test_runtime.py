@@ -67,20 +67,20 @@ def test_classifier_steps_follow_the_configured_mesh_rules():
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   specs = out["specs"]
-  want = {"embed": ["data", "tensor"],  # [vocab, embed]
-          "blocks/0/attn/wq": ["tensor", "data", None],  # [embed, heads, head_dim]
-          "blocks/0/attn/wk": ["tensor", "data", None],  # [embed, kv_heads, head_dim]
-          "blocks/0/attn/wo": ["data", "tensor"],  # [heads_merged, embed]
-          "blocks/0/mlp/w_in": ["tensor", "data"],  # [embed, mlp]
-          "blocks/0/mlp/w_gate": ["tensor", "data"],
-          "blocks/0/mlp/w_out": ["data", "tensor"],  # [mlp, embed]
-          "blocks/0/ln1/scale": [None],  # "norm": no rule
+  want = {"embed": ["data", "tensor"],  # [vocab, embed]; the blocks are stacked [layers, ...]
+          "blocks/attn/wq": [None, "tensor", "data", None],  # [embed, heads, head_dim]
+          "blocks/attn/wk": [None, "tensor", "data", None],  # [embed, kv_heads, head_dim]
+          "blocks/attn/wo": [None, "data", "tensor"],  # [heads_merged, embed]
+          "blocks/mlp/w_in": [None, "tensor", "data"],  # [embed, mlp]
+          "blocks/mlp/w_gate": [None, "tensor", "data"],
+          "blocks/mlp/w_out": [None, "data", "tensor"],  # [mlp, embed]
+          "blocks/ln1/scale": [None, None],  # "norm": no rule
           "cls_head": ["tensor", None],  # [embed, classes]
           "cls_bias": [None]}
   for name, spec in want.items():
     got = specs[name]
     assert got + [None] * (len(spec) - len(got)) == spec, (name, got)
-  assert len(out["constraints"]) >= 2  # the residual stream of each micro-batch, per layer
+  assert len(out["constraints"]) >= 1  # the residual stream, in the scanned layer
   assert all(c == '[{"fsdp"}, {}, {}]' for c in out["constraints"]), out["constraints"]
   assert np.isfinite(out["loss"])
 
@@ -98,7 +98,11 @@ def test_classifier_gradient_accumulation_matches_one_big_batch():
            "labels": rng.integers(0, 3, 8).astype(np.int32)}
   results = []
   for accum in (1, 4):
-    run = train.make_run(tiny_config(**{"train.grad_accum": accum, "model.num_classes": 3}), 50)
+    # adam_eps 1e-3 as in tests/sharding_worker.py: with 1e-8, Adam's first update of a
+    # parameter whose gradient is ~1e-9 turns float32 summation-order noise (one batch vs four,
+    # scanned layers) into 0.1% of the update.
+    run = train.make_run(tiny_config(**{"train.grad_accum": accum, "model.num_classes": 3,
+                                        "train.adam_eps": 1e-3}), 50)
     state = train.init_state(run, seed=0)
     with jax.set_mesh(run.mesh):
       state, m = train.make_train_step(run, tasks.get("classify").loss)(
@@ -158,7 +162,8 @@ def test_sigterm_on_a_checkpoint_step_saves_it_once(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoint, "StopSignal", Recorded)
   monkeypatch.setattr(train, "make_train_step", make_step)
   monkeypatch.setattr(checkpoint.Checkpointer, "save",
-                      lambda self, step, *a: (saves.append(step), real_save(self, step, *a)))
+                      lambda self, step, *a, **kw: (saves.append(step),
+                                                    real_save(self, step, *a, **kw)))
   config = tiny_config(**{"train.num_steps": 8, "train.checkpoint_every": 4,
                           "train.eval_every": 8, "train.log_every": 2})
   out = runtime.train(config, str(tmp_path), tasks.get("lm"))

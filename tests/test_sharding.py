@@ -26,7 +26,8 @@ MESHES = ("(8, 1, 1)", "(1, 8, 1)", "(1, 1, 8)", "(2, 2, 2)")
 
 # Golden partition specs: parameter (layer index dropped) -> its spec under each rule set of
 # lm.sharding.RULE_SETS, in the order of RULE_COLUMNS (the default rules first), on a mesh
-# where every mesh axis divides every dimension. Together the MODELS below have every
+# where every mesh axis divides every dimension. Stacked layers (model.scan_layers) have the
+# same spec after a leading None: no rule maps their "layers" axis to a mesh axis. Together the MODELS below have every
 # optional parameter (biases, swiglu, untied head, learned positions, GQA, classifier head).
 RULE_COLUMNS = ("fsdp_tp", "fsdp", "tp", "dp")
 GOLDEN = {
@@ -93,8 +94,11 @@ def golden_key(path: str):
   return "/".join(p for p in parts[1:] if not p.isdigit())
 
 
-def golden_spec(key, which):
-  return P(*GOLDEN[key][RULE_COLUMNS.index(which)])
+def golden_spec(key, which, path=""):
+  """The golden spec of `key`; with a leading None for the path of a stacked layer."""
+  parts = path.split("/")
+  stacked = "blocks" in parts and not parts[parts.index("blocks") + 1].isdigit()
+  return P(*((None,) * stacked + GOLDEN[key][RULE_COLUMNS.index(which)]))
 
 
 def _config(**model):
@@ -136,20 +140,23 @@ def test_the_golden_table_covers_every_rule_set_default_first():
 def test_golden_partition_specs(which):
   """Every parameter and both Adam moments of every model variant shard exactly as the golden
   table says, under every rule set. Checked to fail: removing ("mlp", "tensor") from
-  DEFAULT_RULES fails the default (fsdp_tp) column on w_in, w_gate, w_out, b_in."""
+  DEFAULT_RULES fails the default (fsdp_tp) column on w_in, w_gate, w_out, b_in. Both layer
+  layouts: stacked layers are never split along their layer axis (checked to fail by a rule
+  ("layers", "fsdp"))."""
   mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
-  seen = set()
-  for name, model in MODELS.items():
-    run = train.make_run(_config(**model), 64)
-    state = run.abstract_state()
-    for path, spec in sharding.partition_specs(state, sharding.RULE_SETS[which], mesh).items():
-      key = golden_key(path)
-      if key is None:
-        assert spec == P(), path  # step counters: replicated
-        continue
-      seen.add(key)
-      assert spec == golden_spec(key, which), (name, path)
-  assert seen == set(GOLDEN)
+  for scan in (True, False):
+    seen = set()
+    for name, model in MODELS.items():
+      run = train.make_run(_config(scan_layers=scan, **model), 64)
+      state = run.abstract_state()
+      for path, spec in sharding.partition_specs(state, sharding.RULE_SETS[which], mesh).items():
+        key = golden_key(path)
+        if key is None:
+          assert spec == P(), path  # step counters: replicated
+          continue
+        seen.add(key)
+        assert spec == golden_spec(key, which, path), (name, path)
+    assert seen == set(GOLDEN)
 
 
 # Rule set -> (mesh of 8 devices, how many devices split each weight matrix, the same for the
@@ -170,7 +177,7 @@ def test_sharding_divides_each_matrix_per_device(which):
   mesh = AbstractMesh(shape, sharding.MESH_AXES)
   checked = 0
   for model in MODELS.values():
-    c = _config(**model)
+    c = _config(scan_layers=False, **model)
     c.mesh.rules = sharding.RULE_SETS[which]
     run = train.make_run(c, 64, mesh=mesh)
     for path, a in nnx.to_flat_state(run.abstract_state()):
@@ -193,7 +200,7 @@ def test_undivisible_dimensions_stay_whole():
   specs = sharding.partition_specs(state, sharding.DEFAULT_RULES,
                                    AbstractMesh((1, 2, 2), sharding.MESH_AXES))
   assert specs["0/embed"] == P(None, "fsdp")
-  assert specs["0/blocks/0/attn/wq"] == P("fsdp", "tensor", None)
+  assert specs["0/blocks/attn/wq"] == P(None, "fsdp", "tensor", None)  # stacked layers
 
 
 def test_without_a_mesh_the_kernel_is_called_directly():
@@ -249,9 +256,9 @@ def test_arrays_are_sharded_as_the_golden_table(eight, which):
   for path, info in shards.items():
     key = golden_key(path)
     if key in GOLDEN:
-      assert info["spec"] == str(golden_spec(key, which)), path
+      assert info["spec"] == str(golden_spec(key, which, path)), path
       checked += 1
-  assert checked == 3 * (1 + 2 + 2 * 10)  # params, mu, nu: embed, ln_f (2), 2 blocks of 10
+  assert checked == 3 * (1 + 2 + 10)  # params, mu, nu: embed, ln_f (2), stacked blocks (10)
 
 
 def test_fsdp_holds_an_eighth_per_device(eight):

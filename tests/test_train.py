@@ -212,7 +212,8 @@ def test_first_update_and_weight_decay_of_every_parameter(family):
                                err_msg=jax.tree_util.keystr(path))
     names.add(str(path[-1].key))
   if cfg.use_bias:  # the case that matters: rank-2 biases exist and were checked above
-    assert {"bq", "bk", "bv"} <= names and params["blocks"][0]["attn"]["bq"].ndim == 2
+    # stacked layers (model.scan_layers): [layers, heads, head_dim], rank 3
+    assert {"bq", "bk", "bv"} <= names and params["blocks"]["attn"]["bq"].ndim == 3
 
 
 def test_weight_decay_refuses_a_parameter_it_does_not_know():
