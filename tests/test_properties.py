@@ -111,9 +111,11 @@ def bigram_state(run, seed: int):
   logits after token t are then LN(embed[t]) @ head, which numpy computes (`bigram_logits`)."""
   state = random_state(run, seed)
   pure = nnx.to_pure_dict(state[0])
-  for block in pure["blocks"].values():
-    block["attn"]["wo"] = jnp.zeros_like(block["attn"]["wo"])
-    block["mlp"]["w_out"] = jnp.zeros_like(block["mlp"]["w_out"])
+  residual_out = (("attn", "wo"), ("mlp", "w_out"))
+  # Either layout (per-layer blocks/<i>/attn/wo or stacked blocks/attn/wo): by the path's end.
+  pure["blocks"] = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if tuple(k.key for k in path[-2:]) in residual_out else x,
+      pure["blocks"])
   nnx.replace_by_pure_dict(state[0], pure)
   return state
 
