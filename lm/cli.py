@@ -35,7 +35,9 @@ class _ProjectInfoOnly(py_logging.Filter):
 def quiet_library_logs() -> None:
   """Libraries (Orbax on every save, JAX at start-up) log at INFO through absl too: keep their
   warnings, and INFO from this project only (lm/, kernels/ and the running script's folder).
-  Calling it again changes nothing (one filter per process)."""
+  On a machine without an NVIDIA driver, JAX runs on the CPU without trying its CUDA plugin
+  first (cpu_without_gpu_driver). Calling it again changes nothing (one filter per process)."""
+  cpu_without_gpu_driver()
   handler = logging.get_absl_handler()
   if any(isinstance(f, _ProjectInfoOnly) for f in handler.filters):
     return
@@ -43,6 +45,17 @@ def quiet_library_logs() -> None:
                 for d in importlib.util.find_spec(name).submodule_search_locations)
   roots += (os.path.dirname(os.path.abspath(sys.argv[0] or ".")),)
   handler.addFilter(_ProjectInfoOnly(roots))
+
+
+def cpu_without_gpu_driver() -> None:
+  """JAX_PLATFORMS=cpu when no NVIDIA driver is loaded and JAX_PLATFORMS is not set: the CUDA
+  plugin that the `test` extra installs (to lower the kernels for sm_90 without a GPU) fails
+  to start there and logs a cuDNN traceback on every run. Call it before JAX's first
+  computation; with a driver (a GPU machine) or JAX_PLATFORMS set, it does nothing."""
+  if "JAX_PLATFORMS" in os.environ or os.path.exists("/proc/driver/nvidia/version"):
+    return
+  import jax
+  jax.config.update("jax_platforms", "cpu")
 
 
 @contextlib.contextmanager

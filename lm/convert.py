@@ -738,6 +738,8 @@ def main(argv=None) -> int:
                       help="--export: the type to write (default: the one converted from, "
                       "else inferred from the model's shape)")
   args = parser.parse_args(argv)
+  from lm import cli
+  cli.quiet_library_logs()
   try:
     if args.export:
       workdir_to_hf(args.workdir, args.hf_dir, args.model_type)

@@ -121,3 +121,23 @@ def test_quiet_library_logs_is_one_filter_however_often_called():
     assert f.filter(record(py_logging.WARNING, "/site-packages/orbax/x.py"))
   finally:
     handler.filters[:] = before
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia/version"), reason="an NVIDIA driver is loaded")
+def test_no_cuda_plugin_traceback_without_a_gpu_driver():
+  """With the `test` extra's CUDA plugin installed and no driver, every entry point started
+  with a cuDNN traceback on stderr (JAX tried the plugin first)."""
+  import importlib.util
+  import subprocess
+  import sys
+  if importlib.util.find_spec("jax_plugins.xla_cuda13") is None:
+    pytest.skip("the jax CUDA plugin is not installed (the `test` extra installs it)")
+  from tests.conftest import ROOT
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = ROOT
+  code = ("from lm import cli; cli.quiet_library_logs(); import jax; "
+          "print(jax.default_backend())")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "cuDNN" not in r.stderr, r.stderr[-2000:]
