@@ -360,7 +360,11 @@ def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list
   # A command-line prompt carries undecodable bytes as lone surrogates: U+FFFD before it is
   # encoded and printed (lm/tokenizers.py).
   prompt = tokenizers.clean_text(prompt or "\n", "prompt")
-  seqs = generate(model, [tokenizer.encode(prompt)], max_new_tokens=sample_cfg.max_new_tokens,
+  ids = tokenizer.encode(prompt)
+  if not len(ids):  # e.g. a word-piece tokenizer drops the default "\n" as whitespace
+    raise UsageError(f"the prompt {prompt!r} encodes to no tokens with the {tokenizer.kind} "
+                     "tokenizer: give one with text (--prompt=... or config.sample.prompt)")
+  seqs = generate(model, [ids], max_new_tokens=sample_cfg.max_new_tokens,
                   temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
                   top_p=sample_cfg.top_p, num_return_sequences=sample_cfg.num_samples,
                   stop_token=stop_token_of(sample_cfg), seed=sample_cfg.seed,

@@ -373,3 +373,23 @@ def test_nan_at_step_k_stops_with_the_checkpoint_before_k_intact_and_resumable(
   monkeypatch.setattr(train, "make_train_step", real)
   assert run_main(*args) == 0
   assert sorted(os.listdir(workdir / "checkpoints"), key=int)[-1] == "8"
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_warns_after_training_and_fails_sampling(
+    tmp_path, capfd, caplog):
+  """A word-piece LM with the default prompt ("\\n", whitespace to word pieces): the run
+  trained, saved and then exited 2 with "every prompt needs at least one token" (2026-11-30).
+  Now the end-of-run samples are a warning and --mode=sample is one clear line."""
+  workdir = tmp_path / "wp"
+  args = [a for a in TINY if a != "--config.sample.num_samples=0"]
+  args += ["--config.data.tokenizer=wordpiece", "--config.data.vocab_size=512",
+           "--config.sample.max_new_tokens=4", f"--workdir={workdir}"]
+  assert run_main(*args) == 0
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("no samples: the prompt '\\n' encodes to no tokens with the wordpiece tokenizer"
+             in w for w in warnings), warnings
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert run_main(*args, "--mode=sample") == 2
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "encodes to no tokens" in lines[0], lines
+  assert run_main(*args, "--mode=sample", "--prompt=ROMEO") == 0

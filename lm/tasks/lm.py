@@ -13,6 +13,7 @@ import copy
 import math
 
 import jax
+from absl import logging
 import optax
 from flax import nnx
 
@@ -91,12 +92,18 @@ class LanguageModel(runtime.Task):
     return f"val_loss {result['val_loss']:.4f} | val_ppl {result['val_ppl']:.2f} | val_bpb {bpb}"
 
   def report(self, run, state, tokenizer, corpus):
-    """A few samples (config.sample) printed on stdout."""
+    """A few samples (config.sample) printed on stdout; a prompt the tokenizer cannot encode
+    is a warning here, not a failed run (training and its checkpoint are done)."""
     if not run.config.sample.num_samples:
       return
     from lm import sample as sample_lib
     model = nnx.merge(run.graphdef, state)[0]
-    for text in sample_lib.sample_text(model, tokenizer, run.config.sample):
+    try:
+      texts = sample_lib.sample_text(model, tokenizer, run.config.sample)
+    except UsageError as e:
+      logging.warning("no samples: %s", e)
+      return
+    for text in texts:
       print(f"--- sample ---\n{text}", flush=True)
 
 
