@@ -3,7 +3,7 @@
 Command:
   python experiments/run.py --config=experiments/base.py --workdir=runs/base
 Expected on the 2-core CPU: about 1 minute of steps (40.8 ms and 18,800 tokens/s per step
-of 12 x 64 characters, idle machine, 2026-11-30; 141 s wall start to end while the test suite
+of 12 x 64 characters, idle machine, 2026-11-30; "done ... in 141.5 s" in its log while the test suite
 ran beside it); validation loss 1.786 nats/char at step 1100 (20 eval batches), 1.768 over
 the whole validation split (`--mode=eval`), then two samples of 200 characters. (The looped
 layers of 2026-11-29 reached 1.758 / 1.743: the scanned layers draw other initial values for
