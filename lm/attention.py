@@ -156,7 +156,8 @@ def slot_times(cache_index, slots: int):
   return cache_index - 1 - jnp.mod(cache_index - 1 - jnp.arange(slots), slots)
 
 
-def cached_attention(q, k, v, k_cache, v_cache, cache_index, valid, window: int = 0):
+def cached_attention(q, k, v, k_cache, v_cache, cache_index, valid, window: int = 0, *,
+                     bias=None, scale=None):
   """Attention of a chunk of queries at times cache_index, cache_index + 1, ... over the keys
   before it (a rolling KV cache, as it was before the chunk) and the chunk's own keys.
 
@@ -164,7 +165,9 @@ def cached_attention(q, k, v, k_cache, v_cache, cache_index, valid, window: int 
   [B, KVH, slots, D] (see layers.LayerCache): slot s holds the latest earlier time t with
   t % slots == s, so `slots` must be at least the window (or cover every time, without one).
   valid [B, L]: nonzero at real tokens, by time; times from L on are real (left padding sits
-  in the prompt only). window: as attention(); 0 = all cached keys.
+  in the prompt only). window: as attention(); 0 = all cached keys. bias: None or
+  [1|B, H, T, slots + T] added to the scores, keys in the order cache slots then chunk
+  (slot_times gives the slots' times); scale: as attention().
   Returns [B, T, H, D] in q's dtype.
   """
   b, t = q.shape[:2]
@@ -177,7 +180,10 @@ def cached_attention(q, k, v, k_cache, v_cache, cache_index, valid, window: int 
   n = valid.shape[1]
   real = jnp.where(k_time < n, jnp.take(valid, jnp.clip(k_time, 0, n - 1), axis=1) != 0, True)
   mask = (mask[None] & real[:, None, :])[:, None, None]  # [B, 1, 1, T, slots + T]
-  s = jnp.concatenate([_scores(q, k_cache, "bksd"), _scores(q, k)], -1)
+  s = jnp.concatenate([_scores(q, k_cache, "bksd", scale), _scores(q, k, scale=scale)], -1)
+  if bias is not None:  # [1|B, H, T, S] -> the scores' [B, KVH, H/KVH, T, S]
+    kvh = k.shape[2]
+    s = s + bias.astype(jnp.float32).reshape(bias.shape[0], kvh, -1, *bias.shape[2:])
   p = _softmax(s, mask)
   out = (_weighted_values(p[..., :slots], v_cache, q.shape, jnp.float32, "bksd")
          + _weighted_values(p[..., slots:], v, q.shape, jnp.float32))

@@ -34,7 +34,8 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _model() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
-  model.arch = "decoder"  # decoder (causal LM) | encoder (BERT: experiments/bert_mlm.py)
+  # decoder (causal LM) | encoder (BERT: experiments/bert_mlm.py) | encoder_decoder (T5)
+  model.arch = "decoder"
   model.num_layers = 4
   model.num_heads = 4
   model.num_kv_heads = 0  # 0: multi-head; fewer than num_heads: grouped-query attention
@@ -42,10 +43,11 @@ def _model() -> ml_collections.ConfigDict:
   model.d_ff = 320  # 0: 4 * d_model; SwiGLU uses ~2/3 of that for the same parameters
   model.dropout = 0.0
   model.attention_impl = "auto"  # xla | cudnn | triton | triton_softmax | auto
-  model.positions = "rope"  # rope | learned
+  model.positions = "rope"  # rope | learned | relative (T5's bias; encoder_decoder only)
   model.norm = "pre"  # pre | post
   model.norm_type = "layernorm"  # layernorm | rmsnorm
-  model.mlp = "swiglu"  # gelu (tanh approximation) | gelu_erf (exact, BERT) | swiglu
+  # gelu (tanh approximation) | gelu_erf (exact, BERT) | swiglu | relu (T5) | gated_gelu (T5 v1.1)
+  model.mlp = "swiglu"
   model.use_bias = False  # biases in every dense layer (GPT-2)
   model.qkv_bias = False  # biases on the q, k, v projections only (Qwen2)
   model.tie_embeddings = True
@@ -69,6 +71,12 @@ def _model() -> ml_collections.ConfigDict:
   # everything_saveable. On the CPU dots_saveable is faster than none (issue 17: XLA's
   # temporaries are paged in afresh every step, so a smaller working set beats the recompute).
   model.remat = "dots_saveable"
+  # Encoder-decoder (T5, model.arch="encoder_decoder", lm.config.t5_model) only; 0 otherwise.
+  model.d_kv = 0  # head width when not d_model / num_heads
+  model.num_decoder_layers = 0  # 0: num_layers
+  model.relative_buckets = 0  # T5's relative position bias: 32 buckets
+  model.relative_max_distance = 0  # ... reaching 128 tokens
+  model.decoder_start_id = 0  # the token the decoder starts from (T5: pad, 0)
   return model
 
 def _data() -> ml_collections.ConfigDict:
@@ -137,6 +145,21 @@ def bert_model(model: ml_collections.ConfigDict, num_layers=4, num_heads=4, d_mo
   model.ln_eps, model.tie_embeddings = 1e-12, True
   model.num_layers, model.num_heads, model.d_model, model.d_ff = num_layers, num_heads, d_model, d_ff
   model.max_seq_len = max_seq_len
+  return model
+
+
+def t5_model(model: ml_collections.ConfigDict, num_layers=4, num_heads=4, d_model=128,
+             d_ff=512, version="1.1") -> ml_collections.ConfigDict:
+  """`model` set to T5's conventions at the given size: an encoder-decoder with relative
+  position bias (32 buckets to 128 tokens), pre-LN RMSNorm (eps 1e-6), no biases; version
+  "1.0": ReLU MLP, head tied to the embeddings; "1.1" (and flan-t5): gated-GELU, untied head."""
+  model.arch, model.positions, model.norm, model.norm_type = ("encoder_decoder", "relative",
+                                                              "pre", "rmsnorm")
+  model.relative_buckets, model.relative_max_distance = 32, 128
+  model.use_bias, model.qkv_bias, model.ln_eps = False, False, 1e-6
+  model.mlp, model.tie_embeddings = ("relu", True) if version == "1.0" else ("gated_gelu", False)
+  model.num_layers, model.num_heads, model.d_model, model.d_ff = num_layers, num_heads, d_model, d_ff
+  model.attention_window = 0
   return model
 
 

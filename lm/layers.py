@@ -35,8 +35,12 @@ RUNTIME_FIELDS = ("dropout", "attention_impl", "dtype", "attention_window", "sca
 LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": "",
                    "attention_window": -1,  # -1: auto, the training length (issue 18)
                    "arch": "decoder", "type_vocab_size": 0, "mlm_head": False, "pooler": False,
-                   "scan_layers": False, "remat": "none"}
-ARCHS = ("decoder", "encoder")  # "encoder_decoder" (T5) is to come
+                   "scan_layers": False, "remat": "none",
+                   "d_kv": 0, "num_decoder_layers": 0, "relative_buckets": 0,  # issue 15
+                   "relative_max_distance": 0, "decoder_start_id": 0}
+ARCHS = ("decoder", "encoder", "encoder_decoder")
+POSITIONS = ("rope", "learned", "relative")  # relative: T5's bias, for encoder_decoder only
+MLPS = ("gelu", "gelu_erf", "swiglu", "relu", "gated_gelu")
 # model.remat: what a layer keeps for the backward pass ("none": everything, no recompute;
 # "full": only its input, jax's nothing_saveable; the others are jax.checkpoint_policies).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -48,7 +52,9 @@ class ModelConfig:
   """The model's shape and numerics. No defaults: they live in one place, lm/config.py
   (experiments/base.py), and `from_config` builds this from a config's model section."""
   vocab_size: int
-  arch: str  # decoder (causal LM, lm/model.py Transformer) | encoder (BERT, lm/model.py Encoder)
+  # decoder (causal LM, lm/model.py Transformer) | encoder (BERT, Encoder) | encoder_decoder
+  # (T5, EncoderDecoder)
+  arch: str
   max_seq_len: int
   num_layers: int
   num_heads: int
@@ -57,10 +63,12 @@ class ModelConfig:
   d_ff: int  # 0: 4 * d_model
   dropout: float
   attention_impl: str  # xla | cudnn | triton | triton_softmax | auto
-  positions: str  # rope | learned
+  positions: str  # rope | learned | relative (T5's bucketed bias, encoder_decoder)
   norm: str  # pre (x + f(LN(x))) | post (LN(x + f(x)), the original Transformer)
   norm_type: str  # layernorm (scale and bias) | rmsnorm (scale only; Llama, T5)
-  mlp: str  # gelu (tanh approximation, as GPT-2) | gelu_erf (exact, as BERT) | swiglu
+  # gelu (tanh approximation, as GPT-2) | gelu_erf (exact, as BERT) | swiglu | relu (T5 v1.0)
+  # | gated_gelu (T5 v1.1: gelu(x W_gate) * x W_in)
+  mlp: str
   use_bias: bool  # biases in every dense layer (GPT-2)
   qkv_bias: bool  # biases on the q, k, v projections only (Qwen2); implied by use_bias
   tie_embeddings: bool
@@ -81,20 +89,29 @@ class ModelConfig:
   pooler: bool
   scan_layers: bool  # one Block with stacked [layers, ...] parameters under lax.scan, or a list
   remat: str  # REMAT_POLICIES: what each layer saves for the backward pass
+  # Encoder-decoder (T5) fields; 0 for the other families. d_kv: the head width when it is not
+  # d_model / num_heads (flan-t5-small: 6 heads of 64 in d_model 512); 0: d_model / num_heads.
+  # num_decoder_layers: 0 = num_layers. relative_buckets / relative_max_distance: T5's relative
+  # position bias (32 / 128). decoder_start_id: the token the decoder starts from (T5: pad, 0).
+  d_kv: int
+  num_decoder_layers: int
+  relative_buckets: int
+  relative_max_distance: int
+  decoder_start_id: int
 
   def __post_init__(self):
     kv = self.kv_heads
-    if self.d_model % self.num_heads:
+    if not self.d_kv and self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model}: expected a multiple of model.num_heads="
                        f"{self.num_heads}")
     if self.num_heads % kv:
       raise ValueError(f"model.num_kv_heads={kv}: expected a divisor of model.num_heads="
                        f"{self.num_heads}")
     for name, value, allowed in (("arch", self.arch, ARCHS),
-                                 ("positions", self.positions, ("rope", "learned")),
+                                 ("positions", self.positions, POSITIONS),
                                  ("norm", self.norm, ("pre", "post")),
                                  ("norm_type", self.norm_type, ("layernorm", "rmsnorm")),
-                                 ("mlp", self.mlp, ("gelu", "gelu_erf", "swiglu")),
+                                 ("mlp", self.mlp, MLPS),
                                  ("attention_impl", self.attention_impl, attention_lib.IMPLS),
                                  ("dtype", self.dtype, ("float32", "bfloat16", "float16")),
                                  ("remat", self.remat, REMAT_POLICIES)):
@@ -115,6 +132,23 @@ class ModelConfig:
         if getattr(self, name):
           raise ValueError(f"model.{name}={getattr(self, name)!r} is for model.arch='encoder' "
                            f"(this model is a {self.arch})")
+    t5 = self.arch == "encoder_decoder"
+    if t5 != (self.positions == "relative"):
+      raise ValueError(f"model.positions={self.positions!r} with model.arch={self.arch!r}: "
+                       "relative positions (T5's bias) go with arch='encoder_decoder', and only "
+                       "they")
+    if t5 and (self.relative_buckets < 2 or self.relative_max_distance < self.relative_buckets):
+      raise ValueError(f"model.relative_buckets={self.relative_buckets}, relative_max_distance="
+                       f"{self.relative_max_distance}: expected >= 2 buckets and a max distance of "
+                       "at least that (T5: 32, 128)")
+    if not t5:
+      for name in ("d_kv", "num_decoder_layers", "relative_buckets", "relative_max_distance",
+                   "decoder_start_id"):
+        if getattr(self, name):
+          raise ValueError(f"model.{name}={getattr(self, name)!r} is for "
+                           f"model.arch='encoder_decoder' (this model is a {self.arch})")
+    if min(self.d_kv, self.num_decoder_layers, self.decoder_start_id) < 0:
+      raise ValueError("model.d_kv, num_decoder_layers and decoder_start_id must be >= 0")
     parse_rope_scaling(self.rope_scaling)
 
   @property
@@ -123,7 +157,17 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.d_kv or self.d_model // self.num_heads
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def t5(self) -> bool:
+    """T5's conventions: unscaled scores (its initialisation absorbs 1/sqrt(d)), and that
+    initialisation (Mesh TensorFlow's, as Hugging Face's T5PreTrainedModel._init_weights)."""
+    return self.arch == "encoder_decoder"
 
   @property
   def ff_dim(self) -> int:
@@ -269,6 +313,25 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
   return (bucket + jnp.where(distance < exact, distance, far)).astype(jnp.int32)
 
 
+class RelativePositionBias(nnx.Module):
+  """T5's relative position bias: a learned scalar per (bucket, head), added to the attention
+  scores. One per stack, computed once and shared by all its layers (T5 keeps it in layer 0).
+  Bidirectional buckets for an encoder, causal ones for a decoder (relative_position_bucket)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, bidirectional: bool):
+    self.bidirectional = bidirectional
+    self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+    self.embedding = param(rngs, normal(cfg.d_model ** -0.5), (cfg.relative_buckets,
+                                                               cfg.num_heads), (None, "heads"))
+
+  def __call__(self, q_times, k_times):
+    """Bias [1, heads, Tq, Tk] (fp32) for queries and keys at integer times [Tq], [Tk]."""
+    bucket = relative_position_bucket(k_times[None, :] - q_times[:, None],
+                                      bidirectional=self.bidirectional,
+                                      num_buckets=self.num_buckets, max_distance=self.max_distance)
+    return jnp.take(self.embedding[...], bucket, axis=0).transpose(2, 0, 1)[None]
+
+
 class LayerCache(NamedTuple):
   """Keys and values of one layer for incremental decoding: [B, kv_heads, slots, head_dim].
 
@@ -296,8 +359,10 @@ class LayerCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention softmax(QK^T/sqrt(d_k))V with grouped-query K/V; causal (a
-  decoder's) or bidirectional (causal=False: an encoder's, no KV cache)."""
+  """Multi-head attention softmax(QK^T/sqrt(d_k) + bias)V with grouped-query K/V: causal
+  self-attention (a decoder's), bidirectional (causal=False: an encoder's, no KV cache), or
+  cross-attention (causal=False, keys and values from `kv`: an encoder-decoder's decoder).
+  T5 (cfg.t5) leaves the scores unscaled and initialises as Mesh TensorFlow."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES,
                causal: bool = True):
@@ -305,11 +370,14 @@ class Attention(nnx.Module):
     self.rules = rules
     self.causal = causal
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    std = 0.02
-    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2's scaled init of residual outputs
-    self.wq = param(rngs, normal(std), (d, h, hd), ("embed", "heads", "head_dim"))
-    self.wk = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
-    self.wv = param(rngs, normal(std), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+    if cfg.t5:  # the query's std absorbs the 1/sqrt(d_k) the scores go without
+      std_q, std_kv, out_std = (d * hd) ** -0.5, d ** -0.5, (h * hd) ** -0.5
+    else:  # GPT-2's: 0.02, residual outputs scaled down by depth
+      std_q = std_kv = 0.02
+      out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    self.wq = param(rngs, normal(std_q), (d, h, hd), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, normal(std_kv), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, normal(std_kv), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.wo = param(rngs, normal(out_std), (h * hd, d), ("heads_merged", "embed"))
     if cfg.use_bias or cfg.qkv_bias:
       self.bq = param(rngs, zeros, (h, hd), ("heads", "head_dim"))
@@ -319,37 +387,50 @@ class Attention(nnx.Module):
       self.bq = self.bk = self.bv = None
     self.bo = param(rngs, zeros, (d,), ("embed",)) if cfg.use_bias else None
 
-  def __call__(self, x, positions, segment_ids, cache: LayerCache | None, cache_index):
+  def kv(self, y):
+    """Keys and values [B, S, kv_heads, head_dim] of y [B, S, d_model] (cross-attention's,
+    computed once per encoder output)."""
+    return dense(y, self.wk, self.bk), dense(y, self.wv, self.bv)
+
+  def __call__(self, x, positions, segment_ids, cache: LayerCache | None, cache_index,
+               bias=None, kv=None):
+    """x [B, T, d_model] -> ([B, T, d_model], cache). bias: None or [1|B, H, T, keys] added
+    to the scores (with a cache: keys = its slots then the chunk's T). kv: cross-attention's
+    keys and values (Attention.kv of the encoder output), else computed from x."""
     cfg = self.cfg
     q = dense(x, self.wq, self.bq)
-    k = dense(x, self.wk, self.bk)
-    v = dense(x, self.wv, self.bv)
+    k, v = self.kv(x) if kv is None else kv
     if cfg.positions == "rope":
       freq = rope_frequencies(cfg)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
     window = cfg.attention_window
+    scale = 1.0 if cfg.t5 else None
     if cache is None:
       # A window as long as the sequence masks nothing: leave it out (the kernels' fast path).
       out = attention_lib.attention(q, k, v, impl=cfg.attention_impl, causal=self.causal,
-                                    segment_ids=segment_ids,
+                                    segment_ids=segment_ids, bias=bias, scale=scale,
                                     window=window if window < x.shape[1] else 0, rules=self.rules)
     else:
       # Decoding: attend over the cache as it was plus the chunk itself, then write the chunk.
       out = attention_lib.cached_attention(q, k, v, cache.k, cache.v, cache_index, segment_ids,
-                                           window)
+                                           window, bias=bias, scale=scale)
       cache = cache.write(k, v, cache_index)
     out = out.reshape(*out.shape[:-2], -1)
     return dense(out, self.wo, self.bo), cache
 
 
 class MLP(nnx.Module):
+  """The feed-forward sublayer: act(x W_in) W_out, or gated act(x W_gate) * (x W_in) W_out
+  (swiglu: SiLU, Llama; gated_gelu: tanh GELU, T5 v1.1)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.kind = cfg.mlp
     d, f = cfg.d_model, cfg.ff_dim
-    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
-    self.w_in = param(rngs, normal(0.02), (d, f), ("embed", "mlp"))
-    self.w_gate = param(rngs, normal(0.02), (d, f), ("embed", "mlp")) if cfg.mlp == "swiglu" else None
+    std_in, out_std = ((d ** -0.5, f ** -0.5) if cfg.t5
+                       else (0.02, 0.02 / math.sqrt(2 * cfg.num_layers)))
+    gated = cfg.mlp in ("swiglu", "gated_gelu")
+    self.w_in = param(rngs, normal(std_in), (d, f), ("embed", "mlp"))
+    self.w_gate = param(rngs, normal(std_in), (d, f), ("embed", "mlp")) if gated else None
     self.w_out = param(rngs, normal(out_std), (f, d), ("mlp", "embed"))
     use_b = cfg.use_bias
     self.b_in = param(rngs, zeros, (f,), ("mlp",)) if use_b else None
@@ -359,6 +440,10 @@ class MLP(nnx.Module):
     h = dense(x, self.w_in, self.b_in)
     if self.kind == "swiglu":
       h = jax.nn.silu(dense(x, self.w_gate)) * h
+    elif self.kind == "gated_gelu":
+      h = gelu(dense(x, self.w_gate), self.kind) * h
+    elif self.kind == "relu":
+      h = jax.nn.relu(h)
     else:
       h = gelu(h, self.kind)
     return dense(h, self.w_out, self.b_out)
@@ -371,27 +456,49 @@ def gelu(x, mlp: str):
 
 
 class Block(nnx.Module):
-  """Attention and MLP sublayers with residuals; pre-LN: x + f(LN(x)), post-LN: LN(x + f(x))."""
+  """Attention and MLP sublayers with residuals; pre-LN: x + f(LN(x)), post-LN: LN(x + f(x)).
+
+  cross=True adds cross-attention on an encoder's output between the two (a T5 decoder layer);
+  its cache is then a pair (self-attention LayerCache, cross (k, v) of Attention.kv).
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES,
-               causal: bool = True):
+               causal: bool = True, cross: bool = False):
     self.pre = cfg.norm == "pre"
     self.ln1, self.ln2 = LayerNorm(cfg, rngs), LayerNorm(cfg, rngs)
     self.attn = Attention(cfg, rngs, rules, causal)
+    if cross:
+      self.ln_cross = LayerNorm(cfg, rngs)
+      self.cross_attn = Attention(cfg, rngs, rules, causal=False)
+    else:
+      self.ln_cross = self.cross_attn = None
     self.mlp = MLP(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x, positions, segment_ids, cache, cache_index, rngs):
+  def __call__(self, x, positions, segment_ids, cache, cache_index, rngs, bias=None,
+               context=None, context_segments=None):
+    """context [B, S, d_model]: the encoder output cross-attention reads (when there is no
+    cache to hold its keys and values); context_segments: the (query, key) segment ids pair
+    that hides the encoder's padding from it."""
     drop = lambda y: self.dropout(y, rngs=rngs, deterministic=rngs is None)
-    if self.pre:
-      a, cache = self.attn(self.ln1(x), positions, segment_ids, cache, cache_index)
-      x = x + drop(a)
-      x = x + drop(self.mlp(self.ln2(x)))
-    else:
-      a, cache = self.attn(x, positions, segment_ids, cache, cache_index)
-      x = self.ln1(x + drop(a))
-      x = self.ln2(x + drop(self.mlp(x)))
-    return x, cache
+    norm_in = lambda ln, h: ln(h) if self.pre else h  # pre-LN normalises a sublayer's input,
+    norm_out = lambda ln, h: h if self.pre else ln(h)  # post-LN the residual sum
+    cross_kv = None
+    if self.cross_attn is not None:
+      cache, cross_kv = (None, None) if cache is None else cache
+      if cross_kv is None:
+        cross_kv = self.cross_attn.kv(context)
+    a, new_cache = self.attn(norm_in(self.ln1, x), positions, segment_ids, cache, cache_index,
+                             bias)
+    x = norm_out(self.ln1, x + drop(a))
+    if self.cross_attn is not None:
+      c, _ = self.cross_attn(norm_in(self.ln_cross, x), positions, context_segments, None, 0,
+                             kv=cross_kv)
+      x = norm_out(self.ln_cross, x + drop(c))
+      if cache is not None:
+        new_cache = (new_cache, cross_kv)
+    x = norm_out(self.ln2, x + drop(self.mlp(norm_in(self.ln2, x))))
+    return x, new_cache
 
 
 # --- the layer stack -------------------------------------------------------------------------
@@ -404,18 +511,29 @@ class Block(nnx.Module):
 #     issue 17; stack_layers / unstack_layers convert pure dicts between the layouts.
 # Encoders and decoders alike build theirs with make_blocks and run them with run_blocks.
 
-def make_blocks(cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES, block=Block):
-  """cfg.num_layers `block(cfg, rngs, rules)` modules: one with stacked parameters (the
-  logical axis "layers" first; no rule maps it, so it is never split over devices) when
-  cfg.scan_layers, else an nnx.List. Each layer draws its own initial values."""
+def make_blocks(cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES, block=Block,
+                num_layers: int | None = None):
+  """num_layers (default cfg.num_layers) `block(cfg, rngs, rules)` modules: one with stacked
+  parameters (the logical axis "layers" first; no rule maps it, so it is never split over
+  devices) when cfg.scan_layers, else an nnx.List. Each layer draws its own initial values."""
+  n = num_layers or cfg.num_layers
   if not cfg.scan_layers:
-    return nnx.List([block(cfg, rngs, rules) for _ in range(cfg.num_layers)])
+    return nnx.List([block(cfg, rngs, rules) for _ in range(n)])
 
-  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.split_rngs(splits=n)
   @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def create(rngs):
     return block(cfg, rngs, rules)
   return create(rngs)
+
+
+def layer_modules(blocks) -> list:
+  """make_blocks' layers as a list of Blocks (for stacked parameters, one view per layer)."""
+  if isinstance(blocks, nnx.List):
+    return list(blocks)
+  graphdef, state = nnx.split(blocks)
+  n = jax.tree.leaves(state)[0].shape[0]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
 
 
 def remat_policy(name: str):
@@ -428,8 +546,12 @@ def remat_policy(name: str):
 
 
 def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=None,
-               cache_index=0, rngs: nnx.Rngs | None = None, rules=sharding.DEFAULT_RULES):
+               cache_index=0, rngs: nnx.Rngs | None = None, rules=sharding.DEFAULT_RULES,
+               **shared):
   """x [B, T, d_model] through the blocks of make_blocks, in order -> (x, new cache).
+
+  shared: keyword arguments every block gets alike (an encoder-decoder's relative position
+  `bias`, the decoder's `context` and `context_segments`: Block.__call__).
 
   cache: None, or a list of per-layer caches (LayerCache) that each block updates at
   cache_index; the new list comes back (None without one). With a cache the layers run as a
@@ -439,15 +561,15 @@ def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=N
   layouts. Each layer is rematerialised by cfg.remat.
   """
   stacked = not isinstance(blocks, nnx.List)
-  n = cfg.num_layers
+  n = len(blocks) if not stacked else jax.tree.leaves(nnx.state(blocks))[0].shape[0]
   key = None if rngs is None else rngs.dropout()
 
-  def layer(graphdef, state, x, layer_cache, i):
+  def layer(graphdef, state, x, layer_cache, i, shared):
     # Residual stream split over batch only (no-op without a mesh): weights are gathered.
     x = sharding.constrain(x, ("batch", None, None), rules)
     layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
     return nnx.merge(graphdef, state)(x, positions, segment_ids, layer_cache, cache_index,
-                                      layer_rngs)
+                                      layer_rngs, **shared)
 
   policy = remat_policy(cfg.remat)
   if policy is not None:
@@ -456,7 +578,7 @@ def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=N
     graphdef, state = nnx.split(blocks)
     if cache is None:
       def body(x, xs):
-        return layer(graphdef, xs[0], x, None, xs[1])[0], None
+        return layer(graphdef, xs[0], x, None, xs[1], shared)[0], None
       x, _ = jax.lax.scan(body, x, (state, jnp.arange(n)))
       return x, None
     states = [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
@@ -465,7 +587,7 @@ def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=N
   new_cache = []
   for i in range(n):
     g, s = (graphdef, states[i]) if stacked else states[i]
-    x, c = layer(g, s, x, None if cache is None else cache[i], i)
+    x, c = layer(g, s, x, None if cache is None else cache[i], i, shared)
     new_cache.append(c)
   return x, (None if cache is None else new_cache)
 

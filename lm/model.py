@@ -5,6 +5,8 @@ Transformer: the decoder-only language model (GPT-2, Llama, Mistral, Qwen2 conve
 config), with an optional sequence-classification head and a KV cache for decoding.
 Encoder: the bidirectional encoder (BERT conventions by config), with a masked-LM head, a
 pooler and a sequence-classification head on the pooled [CLS].
+EncoderDecoder: T5 (v1.0 and v1.1 conventions by config): an encoder stack and a decoder stack
+with cross-attention, each with its relative position bias, sharing the word embeddings.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from lm import sharding
 from lm.errors import UsageError
 # ModelConfig and its field lists live with the layers (below this module); re-exported here
 # because callers think of them as the model's.
+from lm.attention import slot_times
 from lm.layers import (LEGACY_DEFAULTS, LLAMA3_KEYS, RUNTIME_FIELDS, Block, LayerCache,  # noqa: F401
-                       LayerNorm, ModelConfig, checkpoint_fields, dense, gelu, make_blocks,
-                       normal, param, parse_rope_scaling, run_blocks, zeros)
+                       LayerNorm, ModelConfig, RelativePositionBias, checkpoint_fields, dense,
+                       gelu, layer_modules, make_blocks, normal, param, parse_rope_scaling,
+                       run_blocks, zeros)
 
 
 class Transformer(nnx.Module):
@@ -211,9 +215,109 @@ class Encoder(nnx.Module):
     return dense(pooled, self.cls_head, self.cls_bias)
 
 
+class Stack(nnx.Module):
+  """One side of an encoder-decoder (T5's T5Stack): its relative position bias (computed once,
+  shared by every layer), pre-LN blocks (causal with cross-attention for the decoder), and a
+  final norm; dropout on its input and output."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules, decoder: bool):
+    self.cfg, self.rules = cfg, rules
+    self.rel_bias = RelativePositionBias(cfg, rngs, bidirectional=not decoder)
+    block = functools.partial(Block, causal=decoder, cross=decoder)
+    self.blocks = make_blocks(cfg, rngs, rules, block=block,
+                              num_layers=cfg.decoder_layers if decoder else cfg.num_layers)
+    self.ln_f = LayerNorm(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x, segment_ids, rngs=None, cache=None, cache_index=0, **cross):
+    """x [B, T, d_model] (embedded) -> (final hidden states, cache). With a cache (decoder
+    only), x holds the tokens at times cache_index.. and the bias covers the cache's slots."""
+    drop = lambda y: self.dropout(y, rngs=rngs, deterministic=rngs is None)
+    times = jnp.arange(x.shape[1]) + cache_index
+    keys = times
+    if cache is not None:
+      keys = jnp.concatenate([slot_times(cache_index, cache[0][0].k.shape[2]), times])
+    bias = self.rel_bias(times, keys)
+    x, cache = run_blocks(self.blocks, self.cfg, drop(x), None, segment_ids, cache, cache_index,
+                          rngs, self.rules, bias=bias, **cross)
+    return drop(self.ln_f(x)), cache
+
+
+class EncoderDecoder(nnx.Module):
+  """T5 (Raffel et al. 2020; Hugging Face T5ForConditionalGeneration):
+  model(input_ids [B, S], decoder_input_ids [B, T], attention_mask [B, S] or None) -> logits
+  [B, T, vocab] (fp32).
+
+  Pre-LN blocks with RMSNorm, no biases, unscaled scores, relative position bias (no position
+  embeddings), ReLU (v1.0) or gated-GELU (v1.1) MLPs; the decoder's layers cross-attend to the
+  encoder's output with its padding hidden. The head is the word embeddings with the output
+  rescaled by d_model^-0.5 (tie_embeddings, v1.0) or an own matrix (v1.1). decoder_input_ids
+  are the targets shifted right behind cfg.decoder_start_id (teacher forcing).
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+    self.cfg = cfg
+    self.rules = rules = tuple(tuple(r) for r in rules)
+    self.embed = param(rngs, normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    self.encoder = Stack(cfg, rngs, rules, decoder=False)
+    self.decoder = Stack(cfg, rngs, rules, decoder=True)
+    self.head = (None if cfg.tie_embeddings else
+                 param(rngs, normal(cfg.d_model ** -0.5), (cfg.d_model, cfg.vocab_size),
+                       ("embed", "vocab")))
+
+  def _embed(self, ids):
+    return jnp.take(self.embed[...], ids, axis=0).astype(self.cfg.compute_dtype)
+
+  def encode(self, input_ids, attention_mask=None, *, rngs=None):
+    """The encoder's output [B, S, d_model]; attention_mask [B, S]: 1 real, 0 padding."""
+    segment_ids = None
+    if attention_mask is not None:  # (query ids, key ids): no query sees a padding key
+      keys = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
+      segment_ids = (jnp.ones_like(keys), keys)
+    return self.encoder(self._embed(input_ids), segment_ids, rngs)[0]
+
+  def decode(self, decoder_input_ids, context, attention_mask=None, *, cache=None,
+             cache_index=0, rngs=None):
+    """(logits [B, T, vocab] fp32, cache) of decoder tokens at times cache_index.. given the
+    encoder output `context` [B, S, d_model] and its attention_mask [B, S]. cache: None, or
+    init_cache's (then the cross-attention reads the keys and values stored there, and
+    context may be None if attention_mask is given)."""
+    b, t = decoder_input_ids.shape
+    mask = (jnp.ones(context.shape[:2], jnp.int32) if attention_mask is None
+            else (jnp.asarray(attention_mask) != 0).astype(jnp.int32))
+    cross = dict(context=context, context_segments=(jnp.ones((b, t), jnp.int32), mask))
+    # Self-attention: causal; decoder rows are never left-padded, so every time is real.
+    valid = None if cache is None else jnp.ones((b, 1), jnp.int32)
+    x, cache = self.decoder(self._embed(decoder_input_ids), valid, rngs, cache, cache_index,
+                            **cross)
+    return self.logits(x), cache
+
+  def logits(self, x):
+    if self.head is None:  # tied (v1.0): rescaled so the embedding's scale suits both ends
+      return dense(x * self.cfg.d_model ** -0.5, self.embed[...].T).astype(jnp.float32)
+    return dense(x, self.head).astype(jnp.float32)
+
+  def __call__(self, input_ids, decoder_input_ids, attention_mask=None, *, rngs=None):
+    context = self.encode(input_ids, attention_mask, rngs=rngs)
+    return self.decode(decoder_input_ids, context, attention_mask, rngs=rngs)[0]
+
+  def init_cache(self, context, max_len: int, dtype=None) -> list:
+    """The decoder's cache for max_len tokens (the start token included) after the encoder
+    produced `context` [B, S, d_model]: per layer (an empty self-attention LayerCache of
+    max_len slots, the cross-attention's keys and values of context, computed once here)."""
+    cfg = self.cfg
+    dtype = dtype or cfg.compute_dtype
+    shape = (context.shape[0], cfg.kv_heads, max_len, cfg.head_dim)
+    return [(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)),
+             block.cross_attn.kv(context))
+            for block in layer_modules(self.decoder.blocks)]
+
+
 def build(cfg: ModelConfig, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
-  """The model family config.model.arch names: Transformer (decoder) or Encoder."""
-  return (Encoder if cfg.arch == "encoder" else Transformer)(cfg, rngs, rules)
+  """The model family config.model.arch names: Transformer (decoder), Encoder or
+  EncoderDecoder."""
+  family = {"decoder": Transformer, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
+  return family[cfg.arch](cfg, rngs, rules)
 
 
 def num_params(model: nnx.Module) -> int:
@@ -222,9 +326,13 @@ def num_params(model: nnx.Module) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (6N plus attention), as in the PaLM/nanoGPT MFU estimate."""
-  n = (cfg.num_layers * (2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.kv_heads)
-                         + cfg.d_model * cfg.ff_dim * (3 if cfg.mlp == "swiglu" else 2))
-       + cfg.vocab_size * cfg.d_model)
-  attn = 12 * cfg.num_layers * cfg.d_model * seq_len / (1 if cfg.arch == "encoder" else 2)
+  attn_params = 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.kv_heads)
+  mlp_params = cfg.d_model * cfg.ff_dim * (3 if cfg.mlp in ("swiglu", "gated_gelu") else 2)
+  layers = cfg.num_layers
+  if cfg.arch == "encoder_decoder":  # as if every token went through both stacks (S = T)
+    layers += cfg.decoder_layers
+    mlp_params += attn_params * cfg.decoder_layers / layers  # the decoder's cross-attention
+  n = layers * (attn_params + mlp_params) + cfg.vocab_size * cfg.d_model
+  attn = 12 * layers * cfg.d_model * seq_len / (2 if cfg.arch == "decoder" else 1)
   return 6 * n + attn
 

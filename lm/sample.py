@@ -89,32 +89,50 @@ def sample_logits(logits, key, temperature, top_k, top_p, mode: Mode | None = No
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-def _prefill(model, tokens, valid, total: int):
-  """Runs the left-padded prompts tokens, valid [B, P] through a fresh cache sized for `total`
-  tokens: (logits after each prompt [B, V], cache, each row's next position [B])."""
+def _start(model, tokens, valid, max_new_tokens: int, repeat: int = 1):
+  """Runs the left-padded prompts tokens, valid [B, P] into a fresh cache: (logits of the
+  first new token [B, V], cache, step). step(tokens [B * repeat], cache, i) -> (logits
+  [B * repeat, V], cache) feeds the i-th generated token (i from 0) with every row of the
+  cache repeated `repeat` times (beam search's copies).
+
+  A decoder reads the prompt into its KV cache (tokens at times 0..P-1, positions counted
+  over real tokens). An encoder-decoder encodes the prompt once (padding masked; relative
+  positions make left padding harmless), caches each decoder layer's cross-attention keys
+  and values (EncoderDecoder.init_cache), and decodes from decoder_start_id at time 0.
+  """
+  rep = lambda x: jnp.repeat(x, repeat, axis=0)
+  if model.cfg.arch == "encoder_decoder":
+    context = model.encode(tokens, valid)
+    cache = model.init_cache(context, 1 + max_new_tokens)
+    start = jnp.full((tokens.shape[0], 1), model.cfg.decoder_start_id, jnp.int32)
+    logits, cache = model.decode(start, context, valid, cache=cache, cache_index=0)
+    mask = rep(valid)
+
+    def step(tok, cache, i):
+      logits, cache = model.decode(tok[:, None], None, mask, cache=cache, cache_index=i + 1)
+      return logits[:, -1], cache
+    return logits[:, -1], cache, step
+
+  p = tokens.shape[1]
   positions = positions_of(valid)
-  cache = model.init_cache(tokens.shape[0], total)
+  cache = model.init_cache(tokens.shape[0], p + max_new_tokens)
   logits, cache = model.decode(tokens, cache, 0, positions=positions, segment_ids=valid)
-  return logits[:, -1], cache, positions[:, -1] + 1
+  next_pos, valid = rep(positions[:, -1] + 1), rep(valid)
 
-
-def _decode_step(model, valid, next_pos, p: int):
-  """step(tokens [B], cache, i) -> (logits [B, V], cache): the i-th generated token (i from
-  0) at time p + i; valid [B, P] covers the prompt (later times are real tokens)."""
   def step(tok, cache, i):
+    # Valid covers the prompt only: the generated tokens (times p + i) are all real.
     logits, cache = model.decode(tok[:, None], cache, p + i, positions=(next_pos + i)[:, None],
                                  segment_ids=valid)
     return logits[:, -1], cache
-  return step
+  return logits[:, -1], cache, step
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _generate(graphdef, state, tokens, valid, max_new_tokens, mode, temperature, top_k, top_p,
               stop_token, key):
   model = nnx.merge(graphdef, state)
-  b, p = tokens.shape
-  logits, cache, next_pos = _prefill(model, tokens, valid, p + max_new_tokens)
-  step = _decode_step(model, valid, next_pos, p)
+  b = tokens.shape[0]
+  logits, cache, step = _start(model, tokens, valid, max_new_tokens)
   out = jnp.zeros((b, max_new_tokens), jnp.int32)
 
   def cond(carry):
@@ -223,10 +241,7 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
 def _beam_generate(graphdef, state, tokens, valid, max_new_tokens, num_beams, early_stopping,
                    length_penalty, stop_token):
   model = nnx.merge(graphdef, state)
-  p = tokens.shape[1]
-  logits, cache, next_pos = _prefill(model, tokens, valid, p + max_new_tokens)
-  rep = lambda x: jnp.repeat(x, num_beams, axis=0)
-  step = _decode_step(model, rep(valid), rep(next_pos), p)
+  logits, cache, step = _start(model, tokens, valid, max_new_tokens, repeat=num_beams)
   return beam_search(step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      length_penalty=length_penalty, early_stopping=early_stopping,
                      stop_token=stop_token)
@@ -273,9 +288,12 @@ def check_prompts(prompts, *, max_new_tokens: int, context: int | None, vocab_si
 
 def context_of(cfg) -> int | None:
   """The longest sequence (prompt + generated) `cfg`'s model may decode: None (any length)
-  for rotary positions under a sliding window, else max_seq_len (learned positions end
-  there; full attention was trained up to it at most)."""
-  return None if cfg.positions == "rope" and cfg.attention_window else cfg.max_seq_len
+  for rotary positions under a sliding window and for an encoder-decoder (relative positions;
+  prompt and output are separate sequences), else max_seq_len (learned positions end there;
+  full attention was trained up to it at most)."""
+  if cfg.arch == "encoder_decoder" or (cfg.positions == "rope" and cfg.attention_window):
+    return None
+  return cfg.max_seq_len
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 100,
@@ -285,6 +303,9 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
              early_stopping: bool = False) -> list[list[np.ndarray]]:
   """Continuations of token-id prompts: result[i][j] is the j-th sequence for prompt i.
 
+  A decoder continues each prompt; an encoder-decoder reads it as the encoder's input and
+  returns the decoder's new tokens (without the start token). Batched prompts of different
+  lengths are left-padded (masked); one compiled `lax.while_loop` decodes with the KV cache.
   A sequence ends before `stop_token` when it emits it; otherwise it has max_new_tokens ids.
   num_beams > 1: beam search (beam_generate: deterministic, temperature, top_k, top_p and
   seed do not apply), the num_return_sequences best beams, best first.

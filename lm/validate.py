@@ -65,7 +65,7 @@ POS, NONNEG = _at_least(1), _at_least(0)
 # (path, type, (test, allowed)); int accepts no bool, float accepts int.
 FIELDS = (
     ("seed", int, ((lambda v: 0 <= v < 2**31), "in [0, 2**31)")),
-    ("model.arch", str, _one_of("decoder", "encoder")),
+    ("model.arch", str, _one_of("decoder", "encoder", "encoder_decoder")),
     ("model.num_layers", int, POS),
     ("model.num_heads", int, POS),
     ("model.num_kv_heads", int, NONNEG),
@@ -73,10 +73,10 @@ FIELDS = (
     ("model.d_ff", int, NONNEG),
     ("model.dropout", float, _in(0, 1)),
     ("model.attention_impl", str, _one_of(*ATTENTION_IMPLS)),
-    ("model.positions", str, _one_of("rope", "learned")),
+    ("model.positions", str, _one_of("rope", "learned", "relative")),
     ("model.norm", str, _one_of("pre", "post")),
     ("model.norm_type", str, _one_of("layernorm", "rmsnorm")),
-    ("model.mlp", str, _one_of("gelu", "gelu_erf", "swiglu")),
+    ("model.mlp", str, _one_of("gelu", "gelu_erf", "swiglu", "relu", "gated_gelu")),
     ("model.use_bias", bool, _ANY),
     ("model.qkv_bias", bool, _ANY),
     ("model.tie_embeddings", bool, _ANY),
@@ -93,6 +93,11 @@ FIELDS = (
     ("model.pooler", bool, _ANY),
     ("model.scan_layers", bool, _ANY),
     ("model.remat", str, _one_of(*REMAT_POLICIES)),
+    ("model.d_kv", int, NONNEG),
+    ("model.num_decoder_layers", int, NONNEG),
+    ("model.relative_buckets", int, NONNEG),
+    ("model.relative_max_distance", int, NONNEG),
+    ("model.decoder_start_id", int, NONNEG),
     ("data.path", str, _ANY),
     ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe, wordpiece or the path of a "
                                          "tokenizer.json (or of its directory)")),
@@ -148,7 +153,9 @@ OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "model.norm_type", "model.qkv_bias", "model.rope_scaling",  # absent before issue 16
             "model.attention_window",  # absent before issue 18
             "model.arch", "model.type_vocab_size", "model.mlm_head", "model.pooler",  # issue 14
-            "model.scan_layers", "model.remat"}  # absent before issue 17
+            "model.scan_layers", "model.remat",  # absent before issue 17
+            "model.d_kv", "model.num_decoder_layers", "model.relative_buckets",  # issue 15
+            "model.relative_max_distance", "model.decoder_start_id"}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 

@@ -1,0 +1,135 @@
+"""The encoder-decoder (T5, lm/model.py EncoderDecoder): masks, caches, layouts, generation.
+
+Its numerics against an independent numpy T5 are in tests/test_convert_t5.py (from Hugging Face
+key names); here: what the model must do whatever its weights.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import sample
+from lm.config import base_config, t5_model
+from lm.model import ModelConfig, build
+
+VOCAB = 40
+
+
+def make(version="1.1", seed=0, **fields):
+  model = t5_model(base_config().model, num_layers=2, num_heads=4, d_model=32, d_ff=48,
+                   version=version)
+  model.num_decoder_layers = 3  # not num_layers: the two stacks are sized apart
+  model.attention_impl = "xla"
+  model.update(fields)
+  return build(ModelConfig.from_config(model, VOCAB), nnx.Rngs(seed))
+
+
+def batch(seed=0, s=9, t=6):
+  rng = np.random.RandomState(seed)
+  ids = jnp.asarray(rng.randint(1, VOCAB, (2, s)), jnp.int32)
+  mask = jnp.asarray([[1] * s, [1] * (s - 3) + [0] * 3], jnp.int32)
+  dec = jnp.asarray(rng.randint(1, VOCAB, (2, t)), jnp.int32)
+  return ids, mask, dec
+
+
+# Jitted: eager dispatch of every op of a two-stack model takes a minute on a busy CPU.
+forward = nnx.jit(lambda model, ids, dec, mask: model(ids, dec, mask))
+encode = nnx.jit(lambda model, ids, mask: model.encode(ids, mask))
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_masks_causality_and_bidirectionality(version):
+  model = make(version)
+  ids, mask, dec = batch()
+  logits = forward(model, ids, dec, mask)
+  assert logits.shape == (2, 6, VOCAB) and logits.dtype == jnp.float32
+  # Encoder padding is invisible: other pad tokens change no logit of that row...
+  padded = ids.at[1, -3:].set(7)
+  np.testing.assert_array_equal(forward(model, padded, dec, mask)[1], logits[1])
+  # ... and unmasked they would (the test can fail).
+  assert not np.allclose(forward(model, padded, dec, None)[1], forward(model, ids, dec, None)[1])
+  # The decoder is causal: a later target token changes no earlier logit.
+  later = forward(model, ids, dec.at[:, 4].set(3), mask)
+  np.testing.assert_array_equal(later[:, :4], logits[:, :4])
+  assert not np.allclose(later[:, 4:], logits[:, 4:])
+  # The encoder is bidirectional: its last real token changes the first position's state.
+  ctx, ctx2 = encode(model, ids, mask), encode(model, ids.at[0, 8].set(5), mask)
+  assert not np.allclose(ctx[0, 0], ctx2[0, 0])
+
+
+def test_scanned_equals_looped():
+  """Stacked (lax.scan) and per-layer parameters holding the same values give the same
+  logits and gradients (both stacks; the relative bias and cross-attention inside)."""
+  from lm.layers import stack_layers
+  looped, scanned = make(scan_layers=False), make(scan_layers=True, seed=1)
+  state = nnx.state(scanned)
+  nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.state(looped))))
+  nnx.update(scanned, state)
+  ids, mask, dec = batch()
+
+  @nnx.jit
+  def loss_and_grads(model):
+    return nnx.value_and_grad(lambda m: m(ids, dec, mask).std())(model)
+  la, ga = loss_and_grads(looped)
+  lb, gb = loss_and_grads(scanned)
+  np.testing.assert_allclose(lb, la, rtol=1e-5)
+  ga = stack_layers(nnx.to_pure_dict(ga))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), ga,
+               nnx.to_pure_dict(gb))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_decoding_equals_full_forward(scan):
+  """Decoding one token at a time with the self-attention KV cache and cached cross-attention
+  keys/values gives the logits of the teacher-forced forward pass, position by position."""
+  model = make(scan_layers=scan)
+  ids, mask, dec = batch(1)
+  full = forward(model, ids, dec, mask)
+  context = encode(model, ids, mask)
+  cache = model.init_cache(context, dec.shape[1] + 2)
+  step = nnx.jit(lambda m, tok, cache, t: m.decode(tok, None, mask, cache=cache, cache_index=t))
+  steps = []
+  for t in range(dec.shape[1]):
+    logits, cache = step(model, dec[:, t:t + 1], cache, t)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+
+
+def greedy_by_full_forward(model, prompt, n):
+  """Greedy decoding by re-running the whole model on the growing target (no cache)."""
+  ids = jnp.asarray([prompt], jnp.int32)
+  dec = np.zeros((1, n + 1), np.int32)  # fixed shape, one compile: the decoder is causal,
+  dec[0, 0] = model.cfg.decoder_start_id  # so the zeros after position j never reach it
+  for j in range(n):
+    dec[0, j + 1] = int(forward(model, ids, jnp.asarray(dec), None)[0, j].argmax())
+  return list(dec[0, 1:])
+
+
+def test_generate_greedy_equals_repeated_forward_and_batches():
+  """lm.sample.generate on an encoder-decoder: greedy output equals greedy by full forward
+  passes, for prompts of different lengths batched together (left padding masked), and beam
+  search with one beam is greedy."""
+  model = make("1.0", seed=3)
+  prompts = [[5, 9, 2, 17, 30, 11, 4], [8, 3], [21, 22, 23, 24]]
+  out = sample.generate(model, prompts, max_new_tokens=7, temperature=0.0)
+  for prompt, seqs in zip(prompts, out):
+    assert list(seqs[0]) == greedy_by_full_forward(model, prompt, 7)
+  beam1 = sample.generate(model, prompts, max_new_tokens=7, num_beams=2, length_penalty=0.0,
+                          num_return_sequences=1)
+  assert len(beam1) == 3 and all(len(b[0]) == 7 for b in beam1)
+
+
+def test_config_errors():
+  base = t5_model(base_config().model)
+  with pytest.raises(ValueError, match="relative positions"):
+    ModelConfig.from_config({**base, "positions": "rope"}, VOCAB)
+  with pytest.raises(ValueError, match="relative_buckets"):
+    ModelConfig.from_config({**base, "relative_buckets": 0}, VOCAB)
+  with pytest.raises(ValueError, match="encoder_decoder"):
+    ModelConfig.from_config({**base_config().model, "num_decoder_layers": 2}, VOCAB)
+  cfg = ModelConfig.from_config({**base, "d_kv": 16, "num_heads": 6}, VOCAB)
+  assert cfg.head_dim == 16 and dataclasses.replace(cfg).decoder_layers == cfg.num_layers
