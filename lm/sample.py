@@ -375,8 +375,21 @@ def stop_token_of(sample_cfg) -> int | None:
   return None if stop is None or int(stop) < 0 else int(stop)
 
 
+# The names of an end-of-sequence token among a tokenizer's specials (T5's "</s>").
+EOS_NAMES = ("</s>", "[EOS]", "<eos>")
+
+
+def eos_of(tokenizer) -> int | None:
+  """The id of `tokenizer`'s end-of-sequence special token (EOS_NAMES), None if it has none."""
+  ids = tokenizers.special_ids(tokenizer)
+  return next((ids[name] for name in EOS_NAMES if name in ids), None)
+
+
 def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list[str]:
-  """Prompt (default "\\n") + continuation strings for the `config.sample` settings."""
+  """Texts generated for the `config.sample` settings (prompt default "\\n"): a decoder's
+  are prompt + continuation; an encoder-decoder's are the decoded target alone, generated
+  from the encoded prompt followed by the tokenizer's EOS (T5 appends </s> to its inputs)
+  and ending at that EOS (unless sample.stop_token names another token)."""
   prompt = sample_cfg.prompt if prompt is None else prompt
   # A command-line prompt carries undecodable bytes as lone surrogates: U+FFFD before it is
   # encoded and printed (lm/tokenizers.py).
@@ -385,19 +398,27 @@ def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list
   if not len(ids):  # e.g. a word-piece tokenizer drops the default "\n" as whitespace
     raise UsageError(f"the prompt {prompt!r} encodes to no tokens with the {tokenizer.kind} "
                      "tokenizer: give one with text (--prompt=... or config.sample.prompt)")
+  stop, lead = stop_token_of(sample_cfg), prompt
+  if model.cfg.arch == "encoder_decoder":
+    eos, lead = eos_of(tokenizer), ""
+    if eos is not None:
+      ids = np.append(ids, eos)
+      stop = eos if stop is None else stop
   seqs = generate(model, [ids], max_new_tokens=sample_cfg.max_new_tokens,
                   temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,
                   top_p=sample_cfg.top_p, num_return_sequences=sample_cfg.num_samples,
-                  stop_token=stop_token_of(sample_cfg), seed=sample_cfg.seed,
+                  stop_token=stop, seed=sample_cfg.seed,
                   num_beams=sample_cfg.get("num_beams", 1),
                   length_penalty=sample_cfg.get("length_penalty", 1.0),
                   early_stopping=sample_cfg.get("early_stopping", False))[0]
-  return [prompt + tokenizer.decode(s) for s in seqs]
+  return [lead + tokenizer.decode(s) for s in seqs]
 
 
 def sample_workdir(config, workdir: str, **overrides) -> list[str]:
-  """Prints (and returns) samples of the latest checkpoint in `workdir`; overrides replace
-  fields of config.sample. UsageError for a bad config or workdir."""
+  """Prints (and returns) samples of the latest checkpoint in `workdir` (a decoder's
+  continuations of the prompt, an encoder-decoder's outputs for it: sample_text); overrides
+  replace fields of config.sample. UsageError for a bad config or workdir, or an encoder
+  (it generates no text)."""
   import copy
   from lm import runtime, validate
   config = copy.deepcopy(config)
@@ -405,9 +426,9 @@ def sample_workdir(config, workdir: str, **overrides) -> list[str]:
     config.sample.update(overrides)
   validate.check_config(config, "sample")
   run, state, tokenizer, _ = runtime.load(config, workdir)
-  if run.model_cfg.arch != "decoder":
-    raise UsageError(f"{workdir} holds an {run.model_cfg.arch} (model.arch): only a decoder "
-                     f"generates text")
+  if run.model_cfg.arch == "encoder":
+    raise UsageError(f"{workdir} holds an encoder (model.arch): it generates no text; a "
+                     f"decoder or an encoder_decoder does")
   model = nnx.merge(run.graphdef, state)[0]
   texts = sample_text(model, tokenizer, run.config.sample)
   for text in texts:

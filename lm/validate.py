@@ -146,6 +146,8 @@ FIELDS = (
     ("mlm.mask_prob", float, _in(0, 1, lo_open=True)),
     ("mlm.whole_word", bool, _ANY),
 )
+# The tasks whose models generate text (--mode=sample): a decoder's and an encoder-decoder's.
+GENERATING_TASKS = ("lm", "seq2seq", "span_corruption")
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
 OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "sample.early_stopping", "classify.min_chars", "classify.balanced",
@@ -229,9 +231,10 @@ def check_config(config, mode: str = "train") -> None:
   if mode == "sample" and config.sample.num_samples < 1:
     raise UsageError(f"sample.num_samples={config.sample.num_samples}: expected an integer >= 1 "
                      f"(--num_samples) to sample")
-  if mode == "sample" and tc.task != "lm":
-    raise UsageError(f"train.task={tc.task!r}: --mode=sample needs a language model (task lm); "
-                     f"a {tc.task} model has no text to generate")
+  if mode == "sample" and tc.task not in GENERATING_TASKS:
+    raise UsageError(f"train.task={tc.task!r}: --mode=sample needs a language model (task "
+                     f"{' or '.join(GENERATING_TASKS)}); a {tc.task} model has no text to "
+                     f"generate")
   arch = model.get("arch", "decoder")
   if tc.task in ("lm", "mlm") and arch != ("decoder" if tc.task == "lm" else "encoder"):
     want = "decoder" if tc.task == "lm" else "encoder"

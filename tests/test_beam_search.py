@@ -1,34 +1,51 @@
 """Beam search (lm.sample.beam_search): against exhaustive search over a tiny vocabulary,
-against greedy with one beam, scores recomputed in float64, settings validated."""
+against greedy with one beam, scores recomputed in float64, settings validated; for both
+families that generate (a decoder continues the prompt, an encoder-decoder encodes it and
+decodes from its start token)."""
 
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lm import sample as sample_lib
 from lm.errors import UsageError
+from tests import test_t5
 from tests.test_generate import random_model
 
 V, STOP = 4, 0
+FAMILIES = ("decoder", "encoder_decoder")
+
+
+def make_model(family, seed, **decoder_fields):
+  """A random model over the vocabulary V: a decoder (with decoder_fields) or a T5 v1.0
+  encoder-decoder (two encoder and three decoder layers)."""
+  if family == "decoder":
+    return random_model(seed, vocab_size=V, **decoder_fields)
+  return test_t5.make("1.0", seed, vocab_size=V)
 
 
 @jax.jit
-def _forward(model, tokens):
-  return model(tokens)
+def _forward(model, prompt, rows):
+  if model.cfg.arch == "decoder":
+    return model(rows)
+  return model(jnp.broadcast_to(prompt, (rows.shape[0], prompt.shape[0])), rows)
 
 
 def log_probs(model, prompt, continuations, length):
-  """float64 log-softmax of the next token after prompt + c, for each continuation c, from
-  one forward pass over right-padded rows (causal: the padding is invisible before it)."""
-  rows = np.zeros((len(continuations), len(prompt) + length), np.int32)
+  """float64 log-softmax of the next token after each continuation c of the prompt, from one
+  forward pass over right-padded rows (causal: the padding is invisible before it). A decoder
+  reads prompt + c; an encoder-decoder encodes the prompt and reads its start token + c."""
+  lead = list(prompt) if model.cfg.arch == "decoder" else [model.cfg.decoder_start_id]
+  rows = np.zeros((len(continuations), len(lead) + length), np.int32)
   for r, c in enumerate(continuations):
-    rows[r, :len(prompt) + len(c)] = np.concatenate([prompt, c]).astype(np.int32)
-  logits = np.asarray(_forward(model, rows), np.float64)
+    rows[r, :len(lead) + len(c)] = np.concatenate([lead, c]).astype(np.int32)
+  logits = np.asarray(_forward(model, jnp.asarray(prompt, jnp.int32), rows), np.float64)
   out = []
   for r, c in enumerate(continuations):
-    z = logits[r, len(prompt) + len(c) - 1]
+    z = logits[r, len(lead) + len(c) - 1]
     out.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
   return out
 
@@ -56,12 +73,14 @@ def exhaustive(model, prompt, max_len, length_penalty):
   return sorted(scored, key=lambda x: -x[0])
 
 
-def test_best_beams_equal_exhaustive_search():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_best_beams_equal_exhaustive_search(family):
   """With beams enough to keep every prefix ((V-1)^(L-1) * V = 108), beam search is exact:
   its 5 best hypotheses per prompt (left-padded batch) equal exhaustive search's under each
   length penalty, which picks different winners (so the penalty is applied as specified).
-  Verified to fail with the penalty's length counted without the stop token."""
-  model = random_model(41, vocab_size=V, max_seq_len=16)
+  Verified to fail with the penalty's length counted without the stop token, and (encoder-
+  decoder) with the encoder's padding mask dropped from the cross-attention's cache."""
+  model = make_model(family, 41, max_seq_len=16)
   rng = np.random.default_rng(41)
   prompts = [rng.integers(0, V, 2), rng.integers(0, V, 5)]
   max_len, winners = 4, set()
@@ -79,8 +98,9 @@ def test_best_beams_equal_exhaustive_search():
   assert len({w for _, w in winners}) > 1  # the length penalty changes the best sequence
 
 
-def test_one_beam_is_greedy():
-  model = random_model(42, vocab_size=V, max_seq_len=32)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_beam_is_greedy(family):
+  model = make_model(family, 42, max_seq_len=32)
   rng = np.random.default_rng(42)
   prompts = [rng.integers(0, V, 3), rng.integers(0, V, 6)]
   greedy = sample_lib.generate(model, prompts, max_new_tokens=10, temperature=0.0)
@@ -99,12 +119,14 @@ def test_one_beam_is_greedy():
     np.testing.assert_array_equal(b[0][0], g[0])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("early_stopping", [False, True])
-def test_pruned_beams_report_their_float64_scores_best_first(early_stopping):
-  """3 beams over a rolling window of 3 (the cache is reordered as beams are chosen): each
-  returned hypothesis's score is its float64 recomputation from a full windowed forward pass,
-  best first; sampling with generate(num_beams=3) returns the same sequences."""
-  model = random_model(43, vocab_size=V, max_seq_len=32, attention_window=3)
+def test_pruned_beams_report_their_float64_scores_best_first(early_stopping, family):
+  """3 beams (the cache is reordered as beams are chosen; the decoder's is a rolling window of
+  3, the encoder-decoder's holds the cross-attention keys and values too): each returned
+  hypothesis's score is its float64 recomputation from a full forward pass, best first;
+  sampling with generate(num_beams=3) returns the same sequences."""
+  model = make_model(family, 43, max_seq_len=32, attention_window=3)
   rng = np.random.default_rng(43)
   prompts = [rng.integers(0, V, 2), rng.integers(0, V, 5)]
   max_len = 8
@@ -131,8 +153,9 @@ def test_pruned_beams_report_their_float64_scores_best_first(early_stopping):
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be <= num_beams"),
     (dict(num_beams=2, length_penalty=float("nan")), "length_penalty"),
 ])
-def test_bad_beam_settings_raise_usage_error(kwargs, message):
-  model = random_model(0, vocab_size=V)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bad_beam_settings_raise_usage_error(kwargs, message, family):
+  model = make_model(family, 0)
   with pytest.raises(UsageError, match=message):
     sample_lib.generate(model, [[1, 2]], max_new_tokens=3, **kwargs)
 

@@ -19,13 +19,13 @@ from lm.model import ModelConfig, build
 VOCAB = 40
 
 
-def make(version="1.1", seed=0, **fields):
+def make(version="1.1", seed=0, vocab_size=VOCAB, **fields):
   model = t5_model(base_config().model, num_layers=2, num_heads=4, d_model=32, d_ff=48,
                    version=version)
   model.num_decoder_layers = 3  # not num_layers: the two stacks are sized apart
   model.attention_impl = "xla"
   model.update(fields)
-  return build(ModelConfig.from_config(model, VOCAB), nnx.Rngs(seed))
+  return build(ModelConfig.from_config(model, vocab_size), nnx.Rngs(seed))
 
 
 def batch(seed=0, s=9, t=6):
