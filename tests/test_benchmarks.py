@@ -41,10 +41,12 @@ def test_train_benchmark_depth_table_has_a_row_per_depth():
   assert all(float(r[3]) > 0 and float(r[6].replace(",", "")) > 0 for r in rows)
 
 
-def test_generate_benchmark_reports_each_batch_size():
+@pytest.mark.parametrize("arch", ["decoder", "encoder_decoder"])
+def test_generate_benchmark_reports_each_batch_size(arch):
   out = _run("experiments/bench_generate.py", "--batch_sizes=1,3", "--max_new_tokens=5",
-             "--repeats=1", "--prompt_len=4")
+             "--repeats=1", "--prompt_len=4", f"--arch={arch}")
   report = json.loads(out[out.index("{"):])
+  assert report["model"]["arch"] == arch
   assert [r["batch"] for r in report["results"]] == [1, 3]
   assert all(r["tokens_per_s"] > 0 for r in report["results"])
 
