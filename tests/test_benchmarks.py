@@ -63,6 +63,7 @@ def test_kernel_benchmark_on_cpu_says_no_gpu_and_checks_the_kernels(tmp_path):
     (["experiments/bench_train.py", "--steps=0"], "--steps=0"),
     (["experiments/bench_generate.py", "--workdir=/nonexistent/run"], "/nonexistent/run"),
     (["experiments/bench_generate.py", "--batch_sizes=0"], "--batch_sizes=0"),
+    (["experiments/bench_generate.py", "--config=/nonexistent.py"], "/nonexistent.py"),
 ])
 def test_benchmark_bad_input_is_one_line(args, fragment):
   """Before: ZeroDivisionError, min() of an empty list, a UsageError traceback, a hang."""
