@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   from lm import cli
   cli.quiet_library_logs()
-  path = FLAGS["config"].config_filename
+  path = FLAGS["config"].config_filename if FLAGS["config"].present else None
   if path and not os.path.isfile(path.split(":", 1)[0]):  # ml_collections: a many-line error
     cli.fail(f"--config={path}: no such file")
   with cli.one_line_errors():
