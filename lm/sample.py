@@ -375,14 +375,17 @@ def stop_token_of(sample_cfg) -> int | None:
   return None if stop is None or int(stop) < 0 else int(stop)
 
 
-# The names of an end-of-sequence token among a tokenizer's specials (T5's "</s>").
-EOS_NAMES = ("</s>", "[EOS]", "<eos>")
+EOS = "</s>"  # T5's end-of-sequence token: a char tokenizer's special, or a converted T5's
 
 
 def eos_of(tokenizer) -> int | None:
-  """The id of `tokenizer`'s end-of-sequence special token (EOS_NAMES), None if it has none."""
+  """The id of `tokenizer`'s EOS (a special of a char tokenizer, or a token of a Hugging Face
+  tokenizer.json), None if it has none."""
   ids = tokenizers.special_ids(tokenizer)
-  return next((ids[name] for name in EOS_NAMES if name in ids), None)
+  if EOS in ids:
+    return ids[EOS]
+  hf = getattr(tokenizer, "tok", None)
+  return None if hf is None else hf.token_to_id(EOS)
 
 
 def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list[str]:

@@ -146,8 +146,6 @@ FIELDS = (
     ("mlm.mask_prob", float, _in(0, 1, lo_open=True)),
     ("mlm.whole_word", bool, _ANY),
 )
-# The tasks whose models generate text (--mode=sample): a decoder's and an encoder-decoder's.
-GENERATING_TASKS = ("lm", "seq2seq", "span_corruption")
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
 OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "sample.early_stopping", "classify.min_chars", "classify.balanced",
@@ -197,6 +195,10 @@ def _check_rules(rules):
   if not ok:
     raise UsageError(f"mesh.rules={rules!r}: expected (logical axis, mesh axis or tuple of "
                      f"them) pairs over the mesh axes {', '.join(MESH_AXES)}")
+
+
+# The tasks whose models generate text (--mode=sample): a decoder's and an encoder-decoder's.
+GENERATING_TASKS = ("lm", "seq2seq", "span_corruption")
 
 
 def check_config(config, mode: str = "train") -> None:
