@@ -13,9 +13,10 @@ Without --workdir it builds a model with random weights (speed does not depend o
 --config's, else experiments/base.py's (--arch=decoder) or lm.config.t5_model's defaults
 (--arch=encoder_decoder: T5 v1.1, 4 + 4 layers, d_model 128, 4 heads, d_ff 512).
 
-Measured (2-core CPU, float32, 2026-11-30, load average 6-8 from other jobs: upper bounds on
-time), the T5 above at prompt 100, 100 new greedy tokens, median of 3: batch 1: XXX tok/s,
-batch 16: XXX tok/s; first (compiling) call XXX s. BUILD_NOTES.md "T5 generation speed".
+Measured (2-core x86_64 CPU, float32, 2026-11-30, load average 9-11 from other jobs: three
+sittings, noisy), the T5 above (2,448,384 params) at prompt 100, 100 new greedy tokens:
+batch 1: 618 / 1,287 / 625 tok/s, batch 16: 1,114 / 1,502 / 1,220 tok/s; compiling 12-15 s
+(batch 1), 7-11 s (batch 16). BUILD_NOTES.md "T5 generation speed".
 """
 
 import json
