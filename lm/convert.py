@@ -26,9 +26,11 @@ The families in our terms (config.json's model_type picks one):
   (rms_norm_eps), SwiGLU (gate_proj under silu times up_proj), grouped-query attention
   (num_key_value_heads), no biases but Qwen2's on q/k/v (our qkv_bias), head tied or not
   (tie_word_embeddings). nn.Linear weights are [out, in]: transposed here.
-  Mistral's sliding window (and Qwen2's, with use_sliding_window) is not implemented: when it
-  is shorter than max_position_embeddings, the context is clipped to it (a warning), where
-  full causal attention is the same function.
+  Mistral's sliding window is our model.attention_window (when shorter than
+  max_position_embeddings; exported back as sliding_window). Qwen2's (use_sliding_window)
+  slides only the layers from max_window_layers on, which ours cannot express: when shorter
+  than the context, the context is clipped to it (a warning), where full causal attention is
+  the same function.
 - bert (BertModel, BertForMaskedLM, BertForSequenceClassification; the heads present are
   read from the tensors): our Encoder with learned positions, token types, post-LN
   LayerNorm (layer_norm_eps), GELU erf ("gelu") or tanh ("gelu_new"), biases everywhere;
@@ -151,17 +153,20 @@ def _llama_fields(hf: dict) -> dict:
   theta, scaling = _rope_from_hf(hf)
   context = hf.get("max_position_embeddings", 2048)
   window = hf.get("sliding_window") if kind == "mistral" or hf.get("use_sliding_window") else None
-  if window and window < context:
-    logging.warning("%s: sliding_window=%d < max_position_embeddings=%d: sliding-window "
-                    "attention is not implemented; the context is clipped to %d", kind, window,
-                    context, window)
-    context = window
+  if not window or window >= context:  # a window as long as the context slides over nothing
+    window = 0
+  elif kind != "mistral":  # some layers slide and some do not
+    logging.warning("%s: sliding_window=%d < max_position_embeddings=%d on some layers only: "
+                    "not implemented; the context is clipped to %d", kind, window, context,
+                    window)
+    context, window = window, 0
   return dict(vocab_size=hf["vocab_size"], max_seq_len=context,
               num_layers=hf["num_hidden_layers"], num_heads=h, num_kv_heads=0 if kv == h else kv,
               d_model=d, d_ff=hf["intermediate_size"], positions="rope", norm="pre",
               norm_type="rmsnorm", mlp="swiglu", use_bias=False, qkv_bias=kind == "qwen2",
               tie_embeddings=hf.get("tie_word_embeddings", False),
-              ln_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling)
+              ln_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+              attention_window=window)
 
 
 def _bert_fields(hf: dict, names) -> dict:
@@ -260,6 +265,8 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dic
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0}
   if model_type == "llama":
     hf.update(attention_bias=False, mlp_bias=False)
+  elif model_type == "mistral":
+    hf.update(sliding_window=cfg.attention_window if cfg.attention_window > 0 else None)
   else:
     hf.update(sliding_window=None, use_sliding_window=False)
   return hf

@@ -90,7 +90,8 @@ def inv_freq(config, hd):
 
 def numpy_llama(t, config, ids):
   """LlamaForCausalLM's forward in float64: RMSNorm, rotate-half RoPE, GQA (query head i reads
-  K/V head i // (heads / kv_heads)), SwiGLU, q/k/v biases when present."""
+  K/V head i // (heads / kv_heads)), SwiGLU, q/k/v biases when present; Mistral's sliding
+  window (a query sees the keys less than sliding_window positions back, itself included)."""
   b, n = ids.shape
   h, kvh = config["num_attention_heads"], config["num_key_value_heads"]
   hd = config["hidden_size"] // h
@@ -100,6 +101,9 @@ def numpy_llama(t, config, ids):
   cos, sin = np.cos(np.concatenate([angle] * 2, -1)), np.sin(np.concatenate([angle] * 2, -1))
   rotate_half = lambda x: np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
   causal = np.tril(np.ones((n, n), bool))
+  window = config.get("sliding_window") if config["model_type"] == "mistral" else None
+  if window:
+    causal &= np.arange(n)[:, None] - np.arange(n)[None, :] < window
   x = t["embed_tokens.weight"][ids]
   for i in range(config["num_hidden_layers"]):
     p = f"layers.{i}."
@@ -131,8 +135,10 @@ CASES = {
     "qwen2": dict(kind="qwen2", tie=True, dtype=ml_dtypes.bfloat16, shards=3,
                   rope_parameters={"rope_type": "default", "rope_theta": 500.0},
                   use_sliding_window=False, sliding_window=8),
-    # multi-query attention, sliding window longer than the context (no clipping).
+    # multi-query attention, sliding window longer than the context (no window).
     "mistral": dict(kind="mistral", kv_heads=1, sliding_window=4096),
+    # a sliding window of 16 over a context of 64 (the test's 48 tokens slide).
+    "mistral_window": dict(kind="mistral", sliding_window=16),
 }
 
 
@@ -154,12 +160,13 @@ def test_logits_match_numpy_llama(tmp_path, case):
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "mistral_window"])
 def test_export_import_round_trip_exact(tmp_path, case):
   kw = dict(CASES[case], shards=1)
   tensors, config = write_llama(str(tmp_path / "a"), seed=22, **kw)
   model = convert.from_hf(str(tmp_path / "a"))
-  convert.to_hf(model, str(tmp_path / "b"))
+  # Inferred from the shape: llama, or qwen2 with q/k/v biases; mistral is named.
+  convert.to_hf(model, str(tmp_path / "b"), model_type="mistral" if "mistral" in case else None)
   exported = load_file(str(tmp_path / "b" / "model.safetensors"))
   assert {k.removeprefix("model.") for k in exported} == set(tensors)
   for name, value in exported.items():
@@ -167,7 +174,10 @@ def test_export_import_round_trip_exact(tmp_path, case):
     np.testing.assert_array_equal(value, tensors[name.removeprefix("model.")], err_msg=name)
   with open(tmp_path / "b" / "config.json") as f:
     hf = json.load(f)
-  assert hf["model_type"] == case and hf["num_key_value_heads"] == config["num_key_value_heads"]
+  assert hf["model_type"] == config["model_type"]
+  assert hf["num_key_value_heads"] == config["num_key_value_heads"]
+  window = config.get("sliding_window") if config["model_type"] == "mistral" else None
+  assert hf.get("sliding_window") == window  # qwen2's is off (use_sliding_window False)
   again = convert.from_hf(str(tmp_path / "b"))
   assert again.cfg == model.cfg
   ids = np.random.default_rng(22).integers(0, config["vocab_size"], (2, 16))
@@ -185,9 +195,17 @@ def test_greedy_decoding_with_cache_equals_full_forwards(tmp_path):
     np.testing.assert_array_equal(seq, greedy_without_cache(model, prompt, 12))
 
 
-def test_sliding_window_shorter_than_context_clips_it(tmp_path):
-  write_llama(str(tmp_path), kind="mistral", context=64, sliding_window=16)
-  assert convert.from_hf(str(tmp_path)).cfg.max_seq_len == 16
+def test_sliding_window_shorter_than_context(tmp_path):
+  """Mistral's window is model.attention_window over the whole context (its logits against
+  the windowed numpy forward: test_logits_match_numpy_llama's mistral_window case, which fails
+  with the window clipping the context as before); Qwen2's, on some layers only, clips it."""
+  write_llama(str(tmp_path / "m"), kind="mistral", context=64, sliding_window=16)
+  cfg = convert.from_hf(str(tmp_path / "m")).cfg
+  assert (cfg.max_seq_len, cfg.attention_window) == (64, 16)
+  write_llama(str(tmp_path / "q"), kind="qwen2", context=64, sliding_window=16,
+              use_sliding_window=True, max_window_layers=1)
+  cfg = convert.from_hf(str(tmp_path / "q")).cfg
+  assert (cfg.max_seq_len, cfg.attention_window) == (16, 0)
 
 
 def _edit_config(directory, **changes):
