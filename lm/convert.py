@@ -261,8 +261,10 @@ def _bert_config(cfg: ModelConfig) -> dict:
 
 
 def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dict:
-  """config.json for `cfg` as model_type (None: gpt2 for learned positions, qwen2 with q/k/v
-  biases, else llama); a UsageError when the model is not of that shape."""
+  """config.json for `cfg` as model_type (None: bert for an encoder, t5 for an encoder-decoder,
+  gpt2 for learned positions, qwen2 with q/k/v biases, else llama); a UsageError when the model
+  is not of that shape. T5's pad_token_id 0 and eos_token_id 1 are written as T5's tokenizer
+  numbers them (the model does not know its tokenizer's ids)."""
   if model_type is None:
     model_type = ("bert" if cfg.arch == "encoder" else "t5" if cfg.arch == "encoder_decoder" else
                   "gpt2" if cfg.positions == "learned" else
@@ -735,7 +737,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
 
 def from_hf(hf_dir: str, **overrides) -> Transformer:
   """Our model (float32 parameters) with the weights of a Hugging Face directory (config.json
-  and safetensors) of model_type gpt2, llama, mistral, qwen2 or bert. overrides set
+  and safetensors) of model_type gpt2, llama, mistral, qwen2, bert or t5. overrides set
   ModelConfig fields that change no shape (attention_impl, dtype). Bad input raises
   UsageError."""
   hf = read_hf_config(hf_dir)
