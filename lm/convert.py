@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> our models, without torch: GPT-2, Llama, Mistral, Qwen2, BERT.
+"""Hugging Face checkpoints <-> our models, without torch: GPT-2, Llama, Mistral, Qwen2, BERT, T5.
 
 Import (a directory with config.json and model.safetensors, or shards named by
 model.safetensors.index.json, as `save_pretrained` writes them or as the Hub serves them; any
@@ -12,7 +12,8 @@ float dtype, bf16 included, read by our own safetensors parser):
   lm.convert.from_hf(DIR) -> Transformer whose call on ids [B, T] gives logits [B, T, V]; for
       BERT an Encoder: model(input_ids, attention_mask=None, token_type_ids=None) gives MLM
       logits [B, T, V] (hidden states [B, T, d] without an MLM head), model.classify(same)
-      [B, num_labels].
+      [B, num_labels]; for T5 an EncoderDecoder: model(input_ids [B, S], decoder_input_ids
+      [B, T], attention_mask [B, S] or None) gives logits [B, T, V].
 
 Export: `python -m lm.convert --export --workdir=RUN --hf_dir=OUT` (or `to_hf(model, OUT)`)
 writes config.json and model.safetensors (float32) with the family's names and layouts.
@@ -37,6 +38,15 @@ The families in our terms (config.json's model_type picks one):
   cls.predictions.* is the MLM head (decoder tied to the word embeddings), bert.pooler the
   pooler, classifier the classification head. nn.Linear weights are [out, in]: transposed.
   BertForPreTraining's next-sentence head (cls.seq_relationship) is not kept (a warning).
+- t5 (T5ForConditionalGeneration: t5-small and the v1.0 family, v1.1 and flan-t5): our
+  EncoderDecoder; RMSNorm pre-norm (layer_norm_epsilon), no biases, unscaled scores, a relative
+  position bias in block 0 of each stack (relative_attention_num_buckets / _max_distance), head
+  width d_kv, num_decoder_layers, feed_forward_proj "relu" (DenseReluDense.wi, wo) or
+  "gated-gelu" (tanh GELU of wi_0 times wi_1: our w_gate, w_in), the head tied to shared.weight
+  with the d_model^-0.5 rescale (tie_word_embeddings, v1.0) or lm_head (v1.1).
+  encoder/decoder.embed_tokens are copies of shared.weight: accepted when equal, not written.
+  nn.Linear weights are [out, in]: transposed. Its sentencepiece tokenizer.json (a Unigram
+  model) loads through the `tokenizers` library.
 """
 
 from __future__ import annotations
@@ -60,8 +70,10 @@ from lm.model import LLAMA3_KEYS, ModelConfig, Transformer, build, parse_rope_sc
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
-TYPES = ("gpt2",) + LLAMA_TYPES + ("bert",)
+TYPES = ("gpt2",) + LLAMA_TYPES + ("bert", "t5")
 _BERT_GELUS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+# T5's feed_forward_proj -> our mlp ("gated-gelu" is tanh GELU: transformers maps it to gelu_new)
+_T5_MLPS = {"relu": "relu", **{"gated-" + g: "gated_gelu" for g in ("gelu",) + _TANH_GELUS}}
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -79,7 +91,8 @@ def read_hf_config(hf_dir: str) -> dict:
     raise UsageError(f"{path}: expected a JSON object, got {type(hf).__name__}")
   for key, value in hf.items():  # sizes and counts must be integers ("32" is not 32)
     if key.endswith(("_size", "_layers", "_heads", "_positions", "n_embd", "n_layer", "n_head",
-                     "n_ctx", "n_inner")) and not (value is None or type(value) is int):
+                     "n_ctx", "n_inner", "d_model", "d_kv", "d_ff", "_buckets", "_distance")) \
+        and not (value is None or type(value) is int):
       raise UsageError(f"{path}: {key}={value!r} is not an integer")
   return hf
 
@@ -97,7 +110,7 @@ def model_config_from_hf(hf: dict, tensor_names=(), **overrides) -> ModelConfig:
   no shape (attention_impl, dtype)."""
   kind = model_type_of(hf)
   fields = (_gpt2_fields(hf) if kind == "gpt2" else _bert_fields(hf, tensor_names)
-            if kind == "bert" else _llama_fields(hf))
+            if kind == "bert" else _t5_fields(hf) if kind == "t5" else _llama_fields(hf))
   fields.update(overrides)
   from lm.config import model_config
   try:
@@ -192,6 +205,47 @@ def _bert_fields(hf: dict, names) -> dict:
               pooler="pooler.dense.weight" in names, num_classes=num_classes)
 
 
+def _t5_fields(hf: dict) -> dict:
+  proj = hf.get("feed_forward_proj", "relu")
+  if proj not in _T5_MLPS:
+    raise UsageError(f"feed_forward_proj={proj!r}: T5 converts with {', '.join(_T5_MLPS)}")
+  for key in ("d_model", "num_layers", "num_heads", "vocab_size"):
+    if key not in hf:
+      raise UsageError(f"config.json lacks {key} (a T5 config names it)")
+  from lm.config import t5_model
+  import ml_collections
+  fields = t5_model(ml_collections.ConfigDict(), num_layers=hf["num_layers"],
+                    num_heads=hf["num_heads"], d_model=hf["d_model"],
+                    d_ff=hf.get("d_ff", 2048)).to_dict()  # T5's conventions
+  start = hf.get("decoder_start_token_id")
+  fields.update(
+      vocab_size=hf["vocab_size"], num_kv_heads=0, d_kv=hf.get("d_kv", 64),
+      num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+      relative_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_max_distance=hf.get("relative_attention_max_distance", 128),
+      mlp=_T5_MLPS[proj], tie_embeddings=hf.get("tie_word_embeddings", True),
+      ln_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.1),
+      # No position embeddings: n_positions (512) is the length it was trained at.
+      max_seq_len=hf.get("n_positions") or 512,
+      decoder_start_id=(hf.get("pad_token_id") or 0) if start is None else start)
+  return fields
+
+
+def _t5_config(cfg: ModelConfig) -> dict:
+  """config.json of T5ForConditionalGeneration (v1.0 with mlp relu, v1.1 with gated_gelu)."""
+  return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+          "is_encoder_decoder": True, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+          "d_kv": cfg.head_dim, "d_ff": cfg.ff_dim, "num_layers": cfg.num_layers,
+          "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.num_heads,
+          "relative_attention_num_buckets": cfg.relative_buckets,
+          "relative_attention_max_distance": cfg.relative_max_distance,
+          "feed_forward_proj": "relu" if cfg.mlp == "relu" else "gated-gelu",
+          "tie_word_embeddings": cfg.tie_embeddings, "layer_norm_epsilon": cfg.ln_eps,
+          "dropout_rate": cfg.dropout, "n_positions": cfg.max_seq_len,
+          "decoder_start_token_id": cfg.decoder_start_id, "pad_token_id": 0, "eos_token_id": 1,
+          "initializer_factor": 1.0, "use_cache": True}
+
+
 def _bert_config(cfg: ModelConfig) -> dict:
   """config.json of an encoder: BertForSequenceClassification with a classifier, else
   BertForMaskedLM with an MLM head, else BertModel."""
@@ -212,10 +266,13 @@ def _bert_config(cfg: ModelConfig) -> dict:
 
 
 def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dict:
-  """config.json for `cfg` as model_type (None: gpt2 for learned positions, qwen2 with q/k/v
-  biases, else llama); a UsageError when the model is not of that shape."""
+  """config.json for `cfg` as model_type (None: bert for an encoder, t5 for an encoder-decoder,
+  gpt2 for learned positions, qwen2 with q/k/v biases, else llama); a UsageError when the model
+  is not of that shape. T5's pad_token_id 0 and eos_token_id 1 are written as T5's tokenizer
+  numbers them (the model does not know its tokenizer's ids)."""
   if model_type is None:
-    model_type = ("bert" if cfg.arch == "encoder" else "gpt2" if cfg.positions == "learned" else
+    model_type = ("bert" if cfg.arch == "encoder" else "t5" if cfg.arch == "encoder_decoder" else
+                  "gpt2" if cfg.positions == "learned" else
                   "qwen2" if cfg.qkv_bias and not cfg.use_bias else "llama")
   if model_type == "gpt2":
     want = dict(arch="decoder", positions="learned", norm="pre", norm_type="layernorm",
@@ -226,21 +283,28 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dic
   elif model_type == "bert":
     want = dict(arch="encoder", positions="learned", norm="post", norm_type="layernorm",
                 use_bias=True)
+  elif model_type == "t5":
+    want = dict(arch="encoder_decoder", positions="relative", norm="pre", norm_type="rmsnorm",
+                use_bias=False, qkv_bias=False)
   else:
     raise UsageError(f"model_type={model_type!r}: export writes {', '.join(TYPES)}")
   problems = [f"{k}={getattr(cfg, k)!r} ({model_type}: {v!r})" for k, v in want.items()
               if getattr(cfg, k) != v]
-  if model_type in ("gpt2", "bert") and cfg.kv_heads != cfg.num_heads:
+  if model_type in ("gpt2", "bert", "t5") and cfg.kv_heads != cfg.num_heads:
     problems.append(f"num_kv_heads={cfg.num_kv_heads} ({model_type} has multi-head attention)")
   if model_type == "bert" and cfg.mlp not in ("gelu", "gelu_erf"):
     problems.append(f"mlp={cfg.mlp!r} (bert: 'gelu_erf' or 'gelu')")
   if model_type == "bert" and not cfg.type_vocab_size:
     problems.append("type_vocab_size=0 (bert has token-type embeddings)")
+  if model_type == "t5" and cfg.mlp not in ("relu", "gated_gelu"):
+    problems.append(f"mlp={cfg.mlp!r} (t5: 'relu' or 'gated_gelu')")
   if problems:
     shape = "GPT-2" if model_type == "gpt2" else model_type
     raise UsageError(f"the model is not {shape} shaped: " + ", ".join(problems))
   if model_type == "bert":
     return _bert_config(cfg)
+  if model_type == "t5":
+    return _t5_config(cfg)
   if model_type == "gpt2":
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -353,6 +417,16 @@ class _Checkpoint:
     self.used.add(name)
     return x
 
+  def linear(self, name: str, n_out: int, n_in: int) -> np.ndarray:
+    """An nn.Linear weight ([out, in]) as our [in, out]."""
+    return self.get(name, (n_out, n_in)).T
+
+  def copy_of(self, name: str, x: np.ndarray) -> None:
+    """Accepts tensor `name` if present and equal to x (a tied copy saved twice)."""
+    if name in self.t:
+      if not np.array_equal(self.get(name, x.shape), x):
+        raise UsageError(f"{name} differs from the tensor it is tied to")
+
   def head(self, cfg: ModelConfig, params: dict) -> None:
     v, d = cfg.vocab_size, cfg.d_model
     if not cfg.tie_embeddings:
@@ -369,9 +443,12 @@ class _Checkpoint:
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   """HF tensors -> our parameters as a pure dict (the layout of nnx.State.to_pure_dict), float32.
-  The family follows from cfg (an encoder: BERT; learned positions: GPT-2; else Llama)."""
+  The family follows from cfg (an encoder: BERT; an encoder-decoder: T5; learned positions:
+  GPT-2; else Llama)."""
   if cfg.arch == "encoder":
     return _bert_params(tensors, cfg)
+  if cfg.arch == "encoder_decoder":
+    return _t5_params(tensors, cfg)
   if cfg.positions == "learned":
     return _gpt2_params(tensors, cfg)
   return _llama_params(tensors, cfg)
@@ -409,7 +486,7 @@ def _gpt2_params(tensors, cfg: ModelConfig) -> dict:
 def _llama_params(tensors, cfg: ModelConfig) -> dict:
   c = _Checkpoint(tensors, "model.", (".rotary_emb.inv_freq",))  # an old, recomputed buffer
   d, h, kv, hd, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
-  linear = lambda name, n_out, n_in: c.get(name, (n_out, n_in)).T  # nn.Linear is [out, in]
+  linear = c.linear
   params = {"embed": c.get("embed_tokens.weight", (cfg.vocab_size, d)),
             "ln_f": {"scale": c.get("norm.weight", (d,))}, "blocks": {}}
   for i in range(cfg.num_layers):
@@ -441,7 +518,7 @@ def _bert_params(tensors, cfg: ModelConfig) -> dict:
   c = _Checkpoint({k: v for k, v in tensors.items() if k not in nsp}, "bert.",
                   ("embeddings.position_ids",))  # a buffer of 0..max_len-1
   d, h, hd, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.ff_dim, cfg.vocab_size
-  linear = lambda name, n_out, n_in: c.get(name, (n_out, n_in)).T  # nn.Linear is [out, in]
+  linear = c.linear
   ln = lambda p: {"scale": c.get(p + ".weight", (d,)), "bias": c.get(p + ".bias", (d,))}
   e = "embeddings."
   params = {"embed": c.get(e + "word_embeddings.weight", (v, d)),
@@ -482,11 +559,93 @@ def _bert_params(tensors, cfg: ModelConfig) -> dict:
   return params
 
 
+def _nn_linear(w: np.ndarray) -> np.ndarray:
+  """Our dense weight [in, *out] as nn.Linear's [out, in]."""
+  return w.reshape(w.shape[0], -1).T
+
+
+# Hugging Face keeps this never-used tensor in some old T5 checkpoints (its
+# _keys_to_ignore_on_load_unexpected): only self-attention has a relative position bias.
+_T5_IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+
+def _t5_params(tensors, cfg: ModelConfig) -> dict:
+  c = _Checkpoint(tensors, "", _T5_IGNORED)
+  d, h, hd, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.ff_dim
+  rms = lambda name: {"scale": c.get(name + ".weight", (d,))}
+
+  def attention(p):
+    return {"wq": c.linear(p + "q.weight", h * hd, d).reshape(d, h, hd),
+            "wk": c.linear(p + "k.weight", h * hd, d).reshape(d, h, hd),
+            "wv": c.linear(p + "v.weight", h * hd, d).reshape(d, h, hd),
+            "wo": c.linear(p + "o.weight", d, h * hd)}
+
+  def stack(side, num_layers):
+    decoder = side == "decoder"
+    blocks = {}
+    for i in range(num_layers):
+      p = f"{side}.block.{i}.layer."
+      ff = p + ("2." if decoder else "1.")  # the decoder's layer.1 is its cross-attention
+      m = ff + "DenseReluDense."
+      mlp = ({"w_gate": c.linear(m + "wi_0.weight", f, d),  # gelu(x @ w_gate) * (x @ w_in)
+              "w_in": c.linear(m + "wi_1.weight", f, d)} if cfg.mlp == "gated_gelu"
+             else {"w_in": c.linear(m + "wi.weight", f, d)})
+      mlp["w_out"] = c.linear(m + "wo.weight", d, f)
+      blocks[i] = {"ln1": rms(p + "0.layer_norm"), "attn": attention(p + "0.SelfAttention."),
+                   "ln2": rms(ff + "layer_norm"), "mlp": mlp}
+      if decoder:
+        blocks[i].update(ln_cross=rms(p + "1.layer_norm"),
+                         cross_attn=attention(p + "1.EncDecAttention."))
+    bias = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    return {"rel_bias": {"embedding": c.get(bias, (cfg.relative_buckets, h))}, "blocks": blocks,
+            "ln_f": rms(side + ".final_layer_norm")}
+
+  params = {"embed": c.get("shared.weight", (cfg.vocab_size, d)),
+            "encoder": stack("encoder", cfg.num_layers),
+            "decoder": stack("decoder", cfg.decoder_layers)}
+  for side in ("encoder", "decoder"):
+    c.copy_of(side + ".embed_tokens.weight", params["embed"])
+  c.head(cfg, params)
+  c.check_all_used()
+  return params
+
+
+def _t5_tensors(p: dict, cfg: ModelConfig) -> dict:
+  """Names as T5ForConditionalGeneration.save_pretrained writes them: the embeddings once, as
+  shared.weight (encoder/decoder.embed_tokens are tied to it)."""
+  linear = _nn_linear
+  out = {"shared.weight": p["embed"]}
+  for side, n in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
+    s = p[side]
+    out[f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
+        s["rel_bias"]["embedding"]
+    out[side + ".final_layer_norm.weight"] = s["ln_f"]["scale"]
+    for i in range(n):
+      blk, pre = s["blocks"][i], f"{side}.block.{i}.layer."
+      attn = [("0.", "SelfAttention.", "ln1", "attn")]
+      if side == "decoder":
+        attn.append(("1.", "EncDecAttention.", "ln_cross", "cross_attn"))
+      for layer, name, ln, ours in attn:
+        out[pre + layer + "layer_norm.weight"] = blk[ln]["scale"]
+        for w in ("q", "k", "v", "o"):
+          out[pre + layer + name + w + ".weight"] = linear(blk[ours]["w" + w])
+      ff = pre + ("2." if side == "decoder" else "1.")
+      m = blk["mlp"]
+      out[ff + "layer_norm.weight"] = blk["ln2"]["scale"]
+      out[ff + "DenseReluDense.wo.weight"] = linear(m["w_out"])
+      if cfg.mlp == "gated_gelu":
+        out[ff + "DenseReluDense.wi_0.weight"] = linear(m["w_gate"])
+        out[ff + "DenseReluDense.wi_1.weight"] = linear(m["w_in"])
+      else:
+        out[ff + "DenseReluDense.wi.weight"] = linear(m["w_in"])
+  return out
+
+
 def _bert_tensors(p: dict, cfg: ModelConfig) -> dict:
   """Names as BertModel (no prefix) or Bert*For* ("bert." before the encoder) save them."""
   pre = "bert." if cfg.mlm_head or cfg.num_classes else ""
   d = cfg.d_model
-  linear = lambda w: w.reshape(d, -1).T
+  linear = _nn_linear
   ln = lambda name, x: {name + ".weight": x["scale"], name + ".bias": x["bias"]}
   e = pre + "embeddings."
   out = {e + "word_embeddings.weight": p["embed"], e + "position_embeddings.weight": p["pos_embed"],
@@ -518,11 +677,14 @@ def _bert_tensors(p: dict, cfg: ModelConfig) -> dict:
 
 def hf_tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Inverse of params_from_hf, with the names `*ForCausalLM.save_pretrained` writes (BERT:
-  `BertModel`/`BertFor*`); the layers may be stacked (model.scan_layers) or per layer."""
+  `BertModel`/`BertFor*`, T5: `T5ForConditionalGeneration`); the layers may be stacked
+  (model.scan_layers) or per layer."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), layers.unstack_layers(params))
   if cfg.arch == "encoder":
     return {k: np.ascontiguousarray(v) for k, v in _bert_tensors(p, cfg).items()}
-  out = _gpt2_tensors(p, cfg) if cfg.positions == "learned" else _llama_tensors(p, cfg)
+  family = (_t5_tensors if cfg.arch == "encoder_decoder" else
+            _gpt2_tensors if cfg.positions == "learned" else _llama_tensors)
+  out = family(p, cfg)
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = p["head"].T
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -582,7 +744,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> Transformer:
 
 def from_hf(hf_dir: str, **overrides) -> Transformer:
   """Our model (float32 parameters) with the weights of a Hugging Face directory (config.json
-  and safetensors) of model_type gpt2, llama, mistral, qwen2 or bert. overrides set
+  and safetensors) of model_type gpt2, llama, mistral, qwen2, bert or t5. overrides set
   ModelConfig fields that change no shape (attention_impl, dtype). Bad input raises
   UsageError."""
   hf = read_hf_config(hf_dir)
@@ -594,7 +756,8 @@ def from_hf(hf_dir: str, **overrides) -> Transformer:
 
 def to_hf(model: Transformer, out_dir: str, tokenizer=None, model_type: str | None = None):
   """Writes config.json and model.safetensors (float32) as model_type (None: inferred, see
-  hf_config_from_model); tokenizer.json too when `tokenizer` is a BPE one."""
+  hf_config_from_model); tokenizer.json too when `tokenizer` is a `tokenizers` one (BPE,
+  word-piece, unigram)."""
   from safetensors.numpy import save_file
   cfg = model.cfg
   hf = hf_config_from_model(cfg, model_type)
@@ -606,7 +769,7 @@ def to_hf(model: Transformer, out_dir: str, tokenizer=None, model_type: str | No
             metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
-  if tokenizer is not None and tokenizer.kind in ("bpe", "wordpiece"):
+  if tokenizer is not None and tokenizer.kind in ("bpe", "wordpiece", "unigram"):
     tokenizers.save(tokenizer, out_dir)
 
 
@@ -673,13 +836,22 @@ def run_config(cfg: ModelConfig, base_config=None):
     for name in checkpoint_fields():
       config.model[name] = getattr(cfg, name)
     config.model.attention_window = cfg.attention_window  # 0: trained elsewhere, full context
+    config.model.dropout = cfg.dropout  # the checkpoint's (T5's dropout_rate; else the default)
     config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
   return config
 
 
+def trim_vocab(params: dict, n: int) -> dict:
+  """params (a pure dict) with the vocabulary cut to its first n ids: the rows of the token
+  embedding, the columns of an untied head, the MLM head's bias."""
+  cut = {"embed": lambda x: x[:n], "head": lambda x: x[:, :n], "mlm_bias": lambda x: x[:n]}
+  return {k: cut[k](v) if k in cut else v for k, v in params.items()}
+
+
 def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -> str:
   """Converts a Hugging Face directory into a run directory at step 0; returns it. Everything
-  is read and checked before anything is written."""
+  is read and checked before anything is written. A model vocabulary larger than the
+  tokenizer's (T5 pads 32100 tokens to 32128) is cut to the tokenizer's (trim_vocab)."""
   from lm import checkpoint as ckpt_lib
   from lm import train as train_lib
   hf = read_hf_config(hf_dir)
@@ -690,11 +862,19 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   tokenizer = tokenizer or load_hf_tokenizer(hf_dir)
   if tokenizer is None:
     if cfg.vocab_size != 256:
-      raise UsageError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt)")
+      spiece = os.path.isfile(os.path.join(hf_dir, "spiece.model"))
+      raise UsageError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt)" +
+                       (" (its spiece.model, sentencepiece's own format, is not read)"
+                        if spiece else ""))
     tokenizer = tokenizers.ByteTokenizer()
-  if tokenizer.vocab_size != cfg.vocab_size:
+  if tokenizer.vocab_size > cfg.vocab_size:
     raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                      f"vocab_size is {cfg.vocab_size}")
+  if tokenizer.vocab_size < cfg.vocab_size:  # rows no token reaches (T5: 32100 of 32128)
+    logging.warning("the model's vocab_size %d exceeds the tokenizer's %d tokens: the embedding "
+                    "rows (and head columns) of ids %d.. are dropped", cfg.vocab_size,
+                    tokenizer.vocab_size, tokenizer.vocab_size)
+    params = trim_vocab(params, tokenizer.vocab_size)
   from lm import workdir as workdir_lib
   workdir_lib.check(workdir, "train")
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -706,6 +886,8 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
     config.train.init_from = ""
     if cfg.arch == "encoder":  # what --mode=eval of the converted run evaluates
       config.train.task = "classify" if cfg.num_classes else "mlm"
+    elif cfg.arch == "encoder_decoder":
+      config.train.task = "seq2seq"
   run = train_lib.make_run(config, tokenizer.vocab_size)
   model = model_from_params(run.model_cfg, params)
   optimizer = nnx.Optimizer(model, run.tx, wrt=nnx.Param)

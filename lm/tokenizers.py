@@ -7,6 +7,9 @@ punctuation: it keeps the words, not the spacing).
 - char: ids 0..255 are UTF-8 bytes, 256.. the characters seen in the training text. A
   character outside that vocabulary falls back to its UTF-8 bytes, so nothing is lost.
 - bpe: a Hugging Face `tokenizers` file (tokenizer.json), loaded from disk or trained.
+- unigram: a sentencepiece Unigram model in a Hugging Face tokenizer.json (T5's), loaded only;
+  `encode` applies the file's post-processor as Hugging Face's `tokenizer(text)` does (T5's
+  appends "</s>"), and `decode` drops special tokens.
 - wordpiece: BERT's (a tokenizer.json with a WordPiece model), trained here or loaded, with
   [PAD] [UNK] [CLS] [SEP] [MASK]; `encode` gives the text's pieces only, `encode_special` adds
   [CLS]/[SEP] and token types through the file's post-processor ([CLS] A [SEP] B [SEP]).
@@ -228,8 +231,14 @@ class WordPieceTokenizer(BPETokenizer):
     return out
 
 
+class UnigramTokenizer(BPETokenizer):
+  """A sentencepiece Unigram tokenizer.json (T5's): Metaspace pre-tokenizer and decoder."""
+  kind = "unigram"
+
+
 def from_json(text: str) -> Tokenizer:
-  """Inverse of `to_json`; also reads a Hugging Face tokenizer.json (WordPiece or BPE)."""
+  """Inverse of `to_json`; also reads a Hugging Face tokenizer.json (WordPiece, Unigram or
+  BPE)."""
   payload = json.loads(text)
   kind = payload.get("type")
   if kind == "byte":
@@ -238,7 +247,8 @@ def from_json(text: str) -> Tokenizer:
     return CharTokenizer(payload["chars"], payload.get("specials", ()))
   from tokenizers import Tokenizer as HFTokenizer
   model = payload.get("model") or {}
-  cls = WordPieceTokenizer if model.get("type") == "WordPiece" else BPETokenizer
+  cls = {"WordPiece": WordPieceTokenizer, "Unigram": UnigramTokenizer}.get(model.get("type"),
+                                                                         BPETokenizer)
   return cls(HFTokenizer.from_str(text))
 
 

@@ -36,7 +36,7 @@ DECAYED = frozenset({"embed", "pos_embed", "head", "cls_head",  # embeddings, ou
 NOT_DECAYED = frozenset({"scale", "bias",  # LayerNorm
                          "bq", "bk", "bv", "bo", "b_in", "b_out", "cls_bias",  # biases
                          "mlm_b", "mlm_bias", "pool_b",
-                         "embedding"})  # T5's relative position bias table: a bias per head
+                         "embedding"})  # T5's relative position bias (a bias on the scores)
 
 
 def decays_weight(path) -> bool:
