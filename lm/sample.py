@@ -391,8 +391,9 @@ def eos_of(tokenizer) -> int | None:
 def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list[str]:
   """Texts generated for the `config.sample` settings (prompt default "\\n"): a decoder's
   are prompt + continuation; an encoder-decoder's are the decoded target alone, generated
-  from the encoded prompt followed by the tokenizer's EOS (T5 appends </s> to its inputs)
-  and ending at that EOS (unless sample.stop_token names another token)."""
+  from the encoded prompt ending in the tokenizer's EOS (T5 appends </s> to its inputs; added
+  here unless the tokenizer did) and ending at that EOS (unless sample.stop_token names
+  another token)."""
   prompt = sample_cfg.prompt if prompt is None else prompt
   # A command-line prompt carries undecodable bytes as lone surrogates: U+FFFD before it is
   # encoded and printed (lm/tokenizers.py).
@@ -405,7 +406,8 @@ def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list
   if model.cfg.arch == "encoder_decoder":
     eos, lead = eos_of(tokenizer), ""
     if eos is not None:
-      ids = np.append(ids, eos)
+      if ids[-1] != eos:  # a converted T5's tokenizer appends it itself (its post-processor)
+        ids = np.append(ids, eos)
       stop = eos if stop is None else stop
   seqs = generate(model, [ids], max_new_tokens=sample_cfg.max_new_tokens,
                   temperature=sample_cfg.temperature, top_k=sample_cfg.top_k,

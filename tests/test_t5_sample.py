@@ -96,3 +96,28 @@ def test_more_samples_than_beams_is_one_error_line(t5_run, capfd):
   assert err[-1] == ("error: sample.num_samples=3: expected <= sample.num_beams=2 (beam search "
                      "returns its best beams)")
   assert not any("Traceback" in line for line in err)
+
+
+def test_converted_t5_with_its_own_eos_appending_tokenizer(tmp_path, capfd):
+  """A converted T5 (lm.convert) whose unigram tokenizer.json appends </s> itself: the encoder
+  input ends in one </s>, not two, and the printed text is the decoding of greedy by full
+  forward passes over it. Failed with </s> appended whatever the tokenizer did."""
+  from lm import convert, runtime
+  from tests.test_convert_t5 import unigram_tokenizer, write_t5
+  hf, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
+  write_t5(hf, "1.1", seed=7)
+  unigram_tokenizer(hf)
+  convert.hf_to_workdir(hf, workdir)
+  run, state, tok, _ = runtime.load(tiny_config(), workdir)
+  model, eos = nnx.merge(run.graphdef, state)[0], sample.eos_of(tok)
+  prompt = "a dog sat on the mat"  # greedy's first token differs with a second </s>
+  ids = list(tok.encode(prompt))
+  assert eos == 1 and ids[-1] == eos and ids.count(eos) == 1
+  want = greedy_by_full_forward(model, ids, 6)
+  want = tok.decode(want[:want.index(eos)] if eos in want else want)
+  code = run_main("--config=experiments/base.py", f"--workdir={workdir}", "--mode=sample",
+                  f"--prompt={prompt}", "--max_new_tokens=6", "--temperature=0",
+                  "--num_samples=1")
+  out, err = capfd.readouterr()
+  assert code == 0, err
+  assert out == f"--- sample ---\n{want}\n"
