@@ -743,8 +743,8 @@ def workdir_to_hf(workdir: str, out_dir: str, model_type: str | None = None) -> 
 
 
 def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m lm.convert", description=__doc__.split("\n")[0])
+  from lm import cli
+  parser = cli.ArgumentParser(prog="python -m lm.convert", description=__doc__.split("\n")[0])
   parser.add_argument("--hf_dir", required=True, help="Hugging Face model directory")
   parser.add_argument("--workdir", required=True, help="our run directory")
   parser.add_argument("--export", action="store_true",
@@ -753,7 +753,6 @@ def main(argv=None) -> int:
                       help="--export: the type to write (default: the one converted from, "
                       "else inferred from the model's shape)")
   args = parser.parse_args(argv)
-  from lm import cli
   cli.quiet_library_logs()
   try:
     if args.export:
