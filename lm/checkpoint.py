@@ -116,7 +116,9 @@ class Checkpointer:
 
   def _unreadable(self, step: int, error: Exception) -> UsageError:
     lines = str(error).strip().splitlines()
-    detail = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    # tensorstore's first line ends in "See full TensorStore details: <bound method ...>"
+    first = lines[0].split(" See full TensorStore details")[0][:200] if lines else ""
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return UsageError(f"checkpoint {self.directory}/{step} cannot be read ({detail}); move that "
                       f"step's directory away to resume from an earlier one")
 

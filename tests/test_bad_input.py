@@ -285,6 +285,7 @@ def test_a_damaged_checkpoint_is_one_line(damage, finished, tmp_path, capfd):
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert expected in errors[0] and "cannot be read" in errors[0], errors[0]
+    assert "bound method" not in errors[0]  # tensorstore's cut-off pointer to its details
   assert digest(workdir) == before
 
 
