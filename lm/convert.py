@@ -698,7 +698,8 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   tokenizer = tokenizer or load_hf_tokenizer(hf_dir)
   if tokenizer is None:
     if cfg.vocab_size != 256:
-      raise UsageError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt)")
+      files = "vocab.txt" if cfg.arch == "encoder" else "vocab.json + merges.txt"
+      raise UsageError(f"{hf_dir} has no tokenizer.json (nor {files})")
     tokenizer = tokenizers.ByteTokenizer()
   if tokenizer.vocab_size != cfg.vocab_size:
     raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "

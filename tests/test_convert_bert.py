@@ -240,6 +240,9 @@ def test_bad_tensors_and_config_values_are_one_clear_error(tmp_path):
                 if "lacks" in match else {**config, **change}, f)
     with pytest.raises(UsageError, match=match):
       convert.from_hf(str(d))
+  # BERT's own vocabulary file is named (before: GPT-2's vocab.json + merges.txt)
+  with pytest.raises(UsageError, match=r"no tokenizer.json \(nor vocab.txt\)"):
+    convert.hf_to_workdir(str(tmp_path / "ok"), str(tmp_path / "run"))
 
 
 def test_cli_converts_a_bert_with_its_vocab_into_a_run_directory(tmp_path, make_config):
