@@ -57,8 +57,18 @@ def main(_):
       _bench(_CONFIG.value)
 
 
-def _depth_table(config, depths):
+def _check(config):
+  """The config's fields, and a task this benchmark times: it runs the lm task's loss on
+  random tokens, which on an encoder (bert_mlm.py, task mlm or classify) would time a step
+  no run takes, with the 50,304-token vocabulary of a BPE config."""
   validate.check_config(config, "train")
+  if config.train.task != "lm":
+    raise UsageError(f"train.task={config.train.task!r}: bench_train times the lm task's "
+                     "train step (a decoder config such as experiments/base.py)")
+
+
+def _depth_table(config, depths):
+  _check(config)
   try:
     depths = [int(d) for d in depths]
   except ValueError:
@@ -95,7 +105,7 @@ def peak_memory() -> tuple[float, str]:
 
 
 def _bench(config):
-  validate.check_config(config, "train")
+  _check(config)
   if _STEPS.value < 1 or _WARMUP.value < 0 or _VOCAB.value < 0:
     raise UsageError(f"--steps={_STEPS.value}, --warmup={_WARMUP.value}, --vocab_size="
                      f"{_VOCAB.value}: expected steps >= 1, warmup >= 0, vocab_size >= 0")

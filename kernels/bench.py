@@ -302,8 +302,28 @@ def run_cpu_check(args):
     return 0
 
 
+def _positive(s):
+    if not s.strip().isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return int(s)
+
+
 def _ints(s):
-    return [int(x) for x in s.split(",") if x]
+    """A comma list of integers >= 1 (a size of 0 divided by zero or reached an empty jnp
+    reference with a traceback)."""
+    values = [_positive(x) for x in s.split(",") if x]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, comma-separated, got {s!r}")
+    return values
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one `error:` line and exit code 2, as the project's other entry points
+    (lm.cli.fail), not argparse's usage text first."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(argv=None):
@@ -311,15 +331,15 @@ def main(argv=None):
     # for sm_90): its failed start logs a cuDNN traceback. As lm/cli.py cpu_without_gpu_driver.
     if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/proc/driver/nvidia/version"):
         jax.config.update("jax_platforms", "cpu")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out", help="output directory (CSV, PNG)")
     p.add_argument("--seq-lens", type=_ints,
                    default=[512, 1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--head-dims", type=_ints, default=[64, 128])
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--heads", type=_positive, default=16)
     p.add_argument("--kv-heads", type=int, default=0, help="0: same as --heads")
-    p.add_argument("--tokens", type=int, default=16384, help="batch * seq_len (batch >= 1)")
+    p.add_argument("--tokens", type=_positive, default=16384, help="batch * seq_len (batch >= 1)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--causal", type=lambda s: [x.strip().lower() in ("1", "true", "yes")
                                                for x in s.split(",")],
@@ -331,8 +351,8 @@ def main(argv=None):
                    help="additive fp32 [1, heads, T, T] bias: none, without (const) or with "
                         "(grad) its gradient")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--cpu-repeats", type=int, default=3)
+    p.add_argument("--repeats", type=_positive, default=20)
+    p.add_argument("--cpu-repeats", type=_positive, default=3)
     p.add_argument("--cpu-seq-lens", type=_ints, default=[64, 128],
                    help="CPU check: sequence lengths (batch 2, 4 heads, head_dim 32)")
     p.add_argument("--cpu-check", action="store_true",

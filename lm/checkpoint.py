@@ -105,6 +105,9 @@ class Checkpointer:
     else:
       raise self._unreadable(step, first_error) from None
     values = out.state
+    bad = _first_non_finite(values)
+    if bad:  # bytes damaged on disk (never saved so): NaN samples, a resume that stops at once
+      raise self._unreadable(step, ValueError(f"non-finite values in {bad}")) from None
     if layout != want:  # convert, then place as the target says
       values = jax.device_put(_in_layout(values, want), jax.tree.map(lambda x: x.sharding, target))
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill
@@ -113,7 +116,9 @@ class Checkpointer:
 
   def _unreadable(self, step: int, error: Exception) -> UsageError:
     lines = str(error).strip().splitlines()
-    detail = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    # tensorstore's first line ends in "See full TensorStore details: <bound method ...>"
+    first = lines[0].split(" See full TensorStore details")[0][:200] if lines else ""
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return UsageError(f"checkpoint {self.directory}/{step} cannot be read ({detail}); move that "
                       f"step's directory away to resume from an earlier one")
 
@@ -170,6 +175,16 @@ def _os_error_in(e: BaseException) -> OSError | None:
     seen.add(id(e))
     e = e.__cause__ or e.__context__
   return None
+
+
+def _first_non_finite(values) -> str | None:
+  """The path of the first float array of a pure-dict state holding NaN or inf, or None (one
+  device reduction per array, read back once)."""
+  leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(values)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
+  bad = [p for (p, _), ok in zip(leaves, finite) if not ok]
+  return "/".join(str(getattr(k, "key", k)) for k in bad[0]) if bad else None
 
 
 def read_meta(workdir_or_ckpt_dir: str) -> tuple[Checkpointer, dict]:

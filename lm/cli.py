@@ -4,6 +4,7 @@ stay out of stderr, so stdout carries results and stderr the project's own logs.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import logging as py_logging
@@ -19,6 +20,14 @@ def fail(message: str) -> None:
   """Prints `error: message` on stderr and exits with code 2."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose bad arguments end as `fail` does (argparse prints its usage text first and
+  names the program: "prog: error: ...")."""
+
+  def error(self, message):
+    fail(message)
 
 
 class _ProjectInfoOnly(py_logging.Filter):

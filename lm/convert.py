@@ -109,11 +109,20 @@ def model_config_from_hf(hf: dict, tensor_names=(), **overrides) -> ModelConfig:
   tensor_names: the checkpoint's, which tell a BERT's heads. overrides set fields that change
   no shape (attention_impl, dtype)."""
   kind = model_type_of(hf)
-  fields = (_gpt2_fields(hf) if kind == "gpt2" else _bert_fields(hf, tensor_names)
-            if kind == "bert" else _t5_fields(hf) if kind == "t5" else _llama_fields(hf))
+  try:
+    fields = (_gpt2_fields(hf) if kind == "gpt2" else _bert_fields(hf, tensor_names)
+              if kind == "bert" else _t5_fields(hf) if kind == "t5" else _llama_fields(hf))
+  except KeyError as e:  # a size the family cannot do without
+    raise UsageError(f"config.json of model_type {kind!r} lacks {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:  # e.g. rope_theta "x"
+    raise UsageError(f"config.json: {e}") from None
   fields.update(overrides)
+  from lm import validate
   from lm.config import model_config
   try:
+    # each value's type and range as for a run's config (layer_norm_eps -1 gave NaN, "x" a
+    # TypeError traceback), then the fields against each other
+    validate.check_model_fields(fields, "config.json: ")
     return model_config(**fields)  # fields the checkpoint leaves open: the defaults
   except ValueError as e:
     raise UsageError(str(e)) from None
@@ -341,6 +350,8 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dic
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float64, np.float32, np.float16,
+                                             ml_dtypes.bfloat16))
 
 
 def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -411,9 +422,13 @@ class _Checkpoint:
   def get(self, name: str, shape) -> np.ndarray:
     if name not in self.t:
       raise UsageError(f"the checkpoint lacks {name!r}")
+    if self.t[name].dtype not in _FLOAT_DTYPES:  # integer bits cast to float: garbage weights
+      raise UsageError(f"{name}: dtype {self.t[name].dtype}, expected a float tensor")
     x = np.asarray(self.t[name], np.float32)
     if x.shape != tuple(shape):
       raise UsageError(f"{name}: shape {x.shape}, expected {tuple(shape)} from config.json")
+    if not np.isfinite(x).all():  # would make every output NaN (or a float16 overflow did)
+      raise UsageError(f"{name}: holds non-finite values (NaN or inf)")
     self.used.add(name)
     return x
 
@@ -863,7 +878,8 @@ def hf_to_workdir(hf_dir: str, workdir: str, tokenizer=None, base_config=None) -
   if tokenizer is None:
     if cfg.vocab_size != 256:
       spiece = os.path.isfile(os.path.join(hf_dir, "spiece.model"))
-      raise UsageError(f"{hf_dir} has no tokenizer.json (nor vocab.json + merges.txt)" +
+      files = "vocab.txt" if cfg.arch == "encoder" else "vocab.json + merges.txt"
+      raise UsageError(f"{hf_dir} has no tokenizer.json (nor {files})" +
                        (" (its spiece.model, sentencepiece's own format, is not read)"
                         if spiece else ""))
     tokenizer = tokenizers.ByteTokenizer()
@@ -917,8 +933,8 @@ def workdir_to_hf(workdir: str, out_dir: str, model_type: str | None = None) -> 
 
 
 def main(argv=None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m lm.convert", description=__doc__.split("\n")[0])
+  from lm import cli
+  parser = cli.ArgumentParser(prog="python -m lm.convert", description=__doc__.split("\n")[0])
   parser.add_argument("--hf_dir", required=True, help="Hugging Face model directory")
   parser.add_argument("--workdir", required=True, help="our run directory")
   parser.add_argument("--export", action="store_true",
@@ -927,7 +943,6 @@ def main(argv=None) -> int:
                       help="--export: the type to write (default: the one converted from, "
                       "else inferred from the model's shape)")
   args = parser.parse_args(argv)
-  from lm import cli
   cli.quiet_library_logs()
   try:
     if args.export:

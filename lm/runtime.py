@@ -224,7 +224,8 @@ def adopt_source(config, source: str):
 def load_params_from(run, state: nnx.State, source: str) -> nnx.State:
   """Fine-tuning: model parameters from another run's checkpoint, with a fresh optimizer.
 
-  Parameters the source lacks (a new classification head) keep their fresh initialisation.
+  Parameters the source lacks (a new classification head), or has in another shape (a
+  classifier of another number of classes), keep their fresh initialisation.
   """
   src, meta = ckpt_lib.read_meta(source)
   saved = meta["config"]["model"]
@@ -233,7 +234,14 @@ def load_params_from(run, state: nnx.State, source: str) -> nnx.State:
   src_state = src.restore(abstract)
   src.close()
   loaded = dict(nnx.to_flat_state(src_state[0]))
-  flat = [(path, loaded.get(path, var)) for path, var in nnx.to_flat_state(state[0])]
+  flat = []
+  for path, var in nnx.to_flat_state(state[0]):
+    src_var = loaded.get(path)
+    if src_var is not None and src_var.value.shape != var.value.shape:
+      logging.info("%s: fresh (%s in %s, %s here)", "/".join(map(str, path)),
+                   src_var.value.shape, source, var.value.shape)
+      src_var = None
+    flat.append((path, var if src_var is None else src_var))
   state[0] = nnx.from_flat_state(flat)
   return state
 

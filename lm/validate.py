@@ -201,6 +201,18 @@ def _check_rules(rules):
 GENERATING_TASKS = ("lm", "seq2seq", "span_corruption")
 
 
+def check_model_fields(fields: dict, prefix: str = "") -> None:
+  """UsageError (its message after `prefix`) for the first of `fields` (model field name ->
+  value, e.g. read from a Hugging Face config.json) whose type or range model.<name> forbids."""
+  for path, kind, (test, allowed) in FIELDS:
+    section, _, name = path.partition(".")
+    if section == "model" and name in fields:
+      try:
+        _check_field(path, fields[name], kind, test, allowed)
+      except UsageError as e:
+        raise UsageError(f"{prefix}{e}") from None
+
+
 def check_config(config, mode: str = "train") -> None:
   """Raises UsageError for the first ill-typed, out-of-range or inconsistent field.
 

@@ -244,11 +244,14 @@ def test_non_finite_loss_by_construction_stops_without_saving(tmp_path, capfd):
   assert not (workdir / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated_state", "foreign_step_directory"])
+@pytest.mark.parametrize("damage", ["truncated_state", "foreign_step_directory",
+                                    "non_finite_state"])
 def test_a_damaged_checkpoint_is_one_line(damage, finished, tmp_path, capfd):
-  """Truncated array files in the latest step, or a stray directory under checkpoints/ that
-  Orbax takes for a step: eval and resume end in one line naming the checkpoint (before: a
-  149-line tensorstore traceback, or KeyError 'meta')."""
+  """Truncated array files in the latest step, a stray directory under checkpoints/ that
+  Orbax takes for a step, or a step whose arrays read back as NaN (bytes flipped on disk):
+  eval, resume and sample end in one line naming the checkpoint (before: a 149-line
+  tensorstore traceback, KeyError 'meta', or for NaN: eval named no checkpoint, a resume
+  stopped after a step advising a lower learning rate, sample printed with exit 0)."""
   workdir = tmp_path / "copy"
   shutil.copytree(finished, workdir)
   if damage == "truncated_state":
@@ -258,17 +261,31 @@ def test_a_damaged_checkpoint_is_one_line(damage, finished, tmp_path, capfd):
         if "ocdbt" in root or name.startswith("ocdbt") or name.endswith(".data"):
           open(os.path.join(root, name), "wb").close()
     expected = "checkpoint " + str(step)
-  else:
+  elif damage == "foreign_step_directory":
     (workdir / "checkpoints" / "9").mkdir()
     (workdir / "checkpoints" / "9" / "notes.txt").write_text("not a checkpoint")
     expected = "checkpoint " + str(workdir / "checkpoints" / "9")
+  else:  # step 4's state with every float NaN, saved as step 5
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from lm import checkpoint as ckpt_lib
+    from lm import runtime
+    ckpt, meta = ckpt_lib.read_meta(str(workdir))
+    _, state, _, _ = runtime.load(ml_collections.ConfigDict(meta["config"]), str(workdir))
+    nan = lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x
+    ckpt.save(5, jax.tree.map(nan, state), {**meta, "step": 5})
+    ckpt.close()
+    expected = "checkpoint " + str(workdir / "checkpoints" / "5")
   before = digest(workdir)
-  for mode in ("--mode=eval", "--mode=train"):
-    code = run_main(*TINY, f"--workdir={workdir}", mode, "--config.train.num_steps=6")
+  for mode in ("--mode=eval", "--mode=train", "--mode=sample"):
+    code = run_main(*TINY, f"--workdir={workdir}", mode, "--config.train.num_steps=6",
+                    "--num_samples=1", "--max_new_tokens=3")
     err = capfd.readouterr().err
     errors = [l for l in err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert expected in errors[0] and "cannot be read" in errors[0], errors[0]
+    assert "bound method" not in errors[0]  # tensorstore's cut-off pointer to its details
   assert digest(workdir) == before
 
 

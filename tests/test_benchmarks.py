@@ -64,9 +64,16 @@ def test_kernel_benchmark_on_cpu_says_no_gpu_and_checks_the_kernels(tmp_path):
     (["experiments/bench_generate.py", "--workdir=/nonexistent/run"], "/nonexistent/run"),
     (["experiments/bench_generate.py", "--batch_sizes=0"], "--batch_sizes=0"),
     (["experiments/bench_generate.py", "--config=/nonexistent.py"], "/nonexistent.py"),
+    (["experiments/bench_train.py", "--config=experiments/bert_mlm.py"], "train.task='mlm'"),
+    (["kernels/bench.py", "--cpu-seq-lens=16,0"], "--cpu-seq-lens"),
+    (["kernels/bench.py", "--cpu-repeats=0"], "--cpu-repeats"),
+    (["kernels/bench.py", "--window=-1"], "--window=-1"),
+    (["-m", "lm.convert", "--hf_dir=x"], "--workdir"),
 ])
 def test_benchmark_bad_input_is_one_line(args, fragment):
-  """Before: ZeroDivisionError, min() of an empty list, a UsageError traceback, a hang."""
+  """Before: ZeroDivisionError, min() of an empty list, a UsageError traceback, a hang; the
+  BERT config timed the lm loss (exit 0); kernels/bench.py's sizes of 0 were tracebacks, its
+  and lm.convert's argparse errors came after the usage text (checked, 2026-11-30)."""
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                         env=env, timeout=300)

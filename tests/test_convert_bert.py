@@ -208,6 +208,43 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
 
 
+def test_bad_tensors_and_config_values_are_one_clear_error(tmp_path):
+  """A tensor with NaN, an integer tensor where a weight belongs, a config.json without a
+  size, an ill-typed or out-of-range value: one UsageError naming it. Before (checked): the
+  three tensors converted (NaN outputs; integer bits read as weights), a string layer_norm_eps
+  was a TypeError, a negative one converted (NaN for small variances), a missing size a
+  KeyError."""
+  bad = np.full((32, 32), 0.1, np.float32)
+  bad[3, 5] = np.nan
+  for extra, match in (({"bert.encoder.layer.1.output.dense.weight": np.zeros((32, 48))
+                         + np.inf}, "layer.1.output.dense.weight: holds non-finite"),
+                       ({"bert.encoder.layer.0.attention.self.key.weight": bad},
+                        "layer.0.attention.self.key.weight: holds non-finite"),
+                       ({"cls.predictions.bias": np.zeros(61, np.int32)},
+                        "cls.predictions.bias: dtype int32, expected a float")):
+    d = tmp_path / str(len(os.listdir(tmp_path)))
+    write_bert(str(d), "mlm", extra=extra)
+    with pytest.raises(UsageError, match=match):
+      convert.from_hf(str(d))
+  write_bert(str(tmp_path / "ok"), "mlm")
+  with open(tmp_path / "ok" / "config.json") as f:
+    config = json.load(f)
+  for change, match in ((dict(layer_norm_eps="x"), "model.ln_eps='x': expected a number"),
+                        (dict(layer_norm_eps=-1), "model.ln_eps=-1: expected a number > 0"),
+                        (dict(max_position_embeddings=None), "model.max_seq_len=None"),
+                        (dict(hidden_size=None), "lacks 'hidden_size'")):
+    d = tmp_path / str(len(os.listdir(tmp_path)))
+    write_bert(str(d), "mlm")
+    with open(d / "config.json", "w") as f:
+      json.dump({k: v for k, v in {**config, **change}.items() if v is not None}
+                if "lacks" in match else {**config, **change}, f)
+    with pytest.raises(UsageError, match=match):
+      convert.from_hf(str(d))
+  # BERT's own vocabulary file is named (before: GPT-2's vocab.json + merges.txt)
+  with pytest.raises(UsageError, match=r"no tokenizer.json \(nor vocab.txt\)"):
+    convert.hf_to_workdir(str(tmp_path / "ok"), str(tmp_path / "run"))
+
+
 def test_cli_converts_a_bert_with_its_vocab_into_a_run_directory(tmp_path, make_config):
   """python -m lm.convert on a BertForMaskedLM with vocab.txt: the run directory's model gives
   the same MLM logits as from_hf, its tokenizer has BERT's specials and post-processor, and

@@ -126,3 +126,26 @@ def test_classifier_beats_majority_baseline_on_held_out_plays(tmp_path):
   print(result)
   assert result["val_accuracy"] > result["majority_baseline"] + 0.05
   assert result["val_accuracy"] > result["best_constant_baseline"] + 0.05
+
+
+def test_init_from_a_classifier_of_other_classes_gets_a_fresh_head(tmp_path):
+  """A 3-genre classifier as init_from of a 2-genre one: the trunk is the source's, the head
+  (cls_head [d, 2], cls_bias [2]) fresh. Before: the source's [d, 3] head was taken, and the
+  first step was a TypeError traceback (add got incompatible shapes (3,), (2,))."""
+  def config(genres, **overrides):
+    c = tiny_config(**{"train.task": "classify", "train.num_steps": 2, "train.warmup_steps": 0,
+                       "train.eval_every": 2, "train.checkpoint_every": 2, **overrides})
+    with c.unlocked():
+      c.classify = {"min_chars": 80, "balanced": True, "genres": genres}
+    return c
+  source = str(tmp_path / "three")
+  runtime.train(config("comedies,histories,tragedies"), source, tasks.get("classify"))
+  job = runtime.prepare(config("comedies,histories", **{"train.init_from": source}),
+                        str(tmp_path / "two"), tasks.get("classify"))
+  state = runtime.start_state(job, None)
+  _, src_state, _, _ = runtime.load(config("comedies,histories,tragedies"), source)
+  got, want = nnx.to_pure_dict(state[0]), nnx.to_pure_dict(src_state[0])
+  assert got["cls_head"].shape == (32, 2) and got["cls_bias"].shape == (2,)
+  assert want["cls_head"].shape == (32, 3)
+  assert not np.any(np.asarray(got["cls_bias"]))  # fresh: zeros
+  np.testing.assert_array_equal(np.asarray(got["embed"]), np.asarray(want["embed"]))
