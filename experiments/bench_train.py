@@ -106,6 +106,7 @@ def peak_memory() -> tuple[float, str]:
 
 def _bench(config):
   _check(config)
+  cli.keep_freed_host_memory()  # as lm.runtime.train does
   if _STEPS.value < 1 or _WARMUP.value < 0 or _VOCAB.value < 0:
     raise UsageError(f"--steps={_STEPS.value}, --warmup={_WARMUP.value}, --vocab_size="
                      f"{_VOCAB.value}: expected steps >= 1, warmup >= 0, vocab_size >= 0")

@@ -29,6 +29,7 @@ from absl import logging
 from flax import nnx
 
 from lm import checkpoint as ckpt_lib
+from lm import cli
 from lm import data as data_lib
 from lm import tokenizers
 from lm import train as train_lib
@@ -341,6 +342,7 @@ def train(config, workdir: str, task: Task) -> dict:
   """Runs (or resumes) training for `task`; returns the last evaluation's metrics with the
   step reached and the wall time. UsageError for bad input, before the workdir is written."""
   t_start = time.time()
+  cli.keep_freed_host_memory()  # no page faults for XLA's per-step buffers (issue 17)
   job = prepare(config, workdir, task)
   config, tc = job.config, job.config.train
   # The state first (restore or init), so that an unreadable checkpoint or a failing init_from
