@@ -22,6 +22,7 @@ from lm.config import base_config, bert_model
 def get_config(arg: str | None = None):
   config = base_config(arg)
   bert_model(config.model, num_layers=4, num_heads=4, d_model=128, d_ff=512, max_seq_len=128)
+  config.model.positions, config.model.norm = "rope", "pre"  # bert_mlm.py's encoder
   config.model.mlm_head = False  # from scratch: no MLM head (init_from takes the source's)
   config.model.num_classes = 0  # 0: as many as the data has genres
   config.train.task = "classify"
