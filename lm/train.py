@@ -35,7 +35,8 @@ DECAYED = frozenset({"embed", "pos_embed", "head", "cls_head",  # embeddings, ou
                      "type_embed", "mlm_w", "pool_w"})  # the encoder's (lm.model.Encoder)
 NOT_DECAYED = frozenset({"scale", "bias",  # LayerNorm
                          "bq", "bk", "bv", "bo", "b_in", "b_out", "cls_bias",  # biases
-                         "mlm_b", "mlm_bias", "pool_b"})
+                         "mlm_b", "mlm_bias", "pool_b",
+                         "embedding"})  # T5's relative position bias table: a bias per head
 
 
 def decays_weight(path) -> bool:
