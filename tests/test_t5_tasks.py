@@ -230,6 +230,34 @@ def test_run_trains_evaluates_and_resumes_bit_exactly_after_sigkill(tmp_path, ca
   assert 0 <= result["cer"] and 0 <= result["exact_match"] <= 1 and result["val_tokens"] > 0
 
 
+@pytest.mark.slow
+def test_span_corruption_pre_training_fine_tunes_into_seq2seq(tmp_path, make_config):
+  """A span-corruption run on a text file, then seq2seq with train.init_from its workdir: the
+  source's tokenizer (sentinels and all) and every parameter are taken over (checked to fail
+  with init_from dropped: a new tokenizer without sentinels)."""
+  from lm import runtime, tasks
+  text = " ".join(np.random.default_rng(0).choice(WORDS, 3000))
+  (tmp_path / "t.txt").write_text(text)
+  steps = {"train.num_steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2,
+           "train.eval_batches": 1}
+  span = t5_config(make_config, **{"train.task": "span_corruption",
+                                   "data.path": str(tmp_path / "t.txt"), **steps})
+  out = runtime.train(span, str(tmp_path / "span"), tasks.get("span_corruption"))
+  assert out["val_tokens"] > 0 and np.isfinite(out["val_loss"])
+  src_run, src_state, src_tok, _ = runtime.load(span, str(tmp_path / "span"))
+  config = t5_config(make_config, **{"data.path": write_pairs(tmp_path / "p.jsonl"),
+                                     "train.init_from": str(tmp_path / "span"), **steps,
+                                     "train.learning_rate": 1e-9})
+  runtime.train(config, str(tmp_path / "ft"), tasks.get("seq2seq"))
+  run, state, tok, _ = runtime.load(config, str(tmp_path / "ft"))
+  assert tok.to_json() == src_tok.to_json() and "<extra_id_0>" in tok.special_ids
+  assert run.model_cfg.decoder_start_id == src_run.model_cfg.decoder_start_id == tok.special_ids["<pad>"]
+  src = dict(nnx.to_flat_state(src_state[0]))
+  for path, var in nnx.to_flat_state(state[0]):  # 2 steps at lr 1e-9: the source's values
+    np.testing.assert_allclose(np.asarray(var.get_value()), np.asarray(src[path].get_value()),
+                               atol=1e-6, err_msg=str(path))
+
+
 EIGHT_DEVICE_WORKER = r'''
 import json, sys, types
 import jax, numpy as np

@@ -40,7 +40,6 @@ import copy
 import dataclasses
 import unicodedata
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
