@@ -179,7 +179,7 @@ def test_generation_metrics_against_the_copy_baseline():
   assert out["copy_cer"] == pytest.approx((3 + 3) / 22)
 
 
-# --- runs through experiments/run.py ---------------------------------------------------------------
+# --- runs through experiments/run.py ------------------------------------------------------
 
 def tiny_args(data_path, workdir, *extra, **overrides):
   """run.py arguments of a tiny T5 on experiments/t5_restore.py; overrides as "a.b": value."""
@@ -251,7 +251,8 @@ def test_span_corruption_pre_training_fine_tunes_into_seq2seq(tmp_path, make_con
   runtime.train(config, str(tmp_path / "ft"), tasks.get("seq2seq"))
   run, state, tok, _ = runtime.load(config, str(tmp_path / "ft"))
   assert tok.to_json() == src_tok.to_json() and "<extra_id_0>" in tok.special_ids
-  assert run.model_cfg.decoder_start_id == src_run.model_cfg.decoder_start_id == tok.special_ids["<pad>"]
+  start = tok.special_ids["<pad>"]
+  assert run.model_cfg.decoder_start_id == src_run.model_cfg.decoder_start_id == start
   src = dict(nnx.to_flat_state(src_state[0]))
   for path, var in nnx.to_flat_state(state[0]):  # 2 steps at lr 1e-9: the source's values
     np.testing.assert_allclose(np.asarray(var.get_value()), np.asarray(src[path].get_value()),
@@ -277,7 +278,8 @@ batches = []
 for step in range(3):  # rows of different lengths: padding in both stacks
   inputs = [rng.integers(2, 64, rng.integers(3, 16)) for _ in range(8)]
   targets = [rng.integers(2, 64, rng.integers(2, 12)) for _ in range(8)]
-  b = seq2seq.make_batch(seq2seq.pad_rows(inputs, 16, 0), seq2seq.pad_rows(targets, 12, 0), specials)
+  b = seq2seq.make_batch(seq2seq.pad_rows(inputs, 16, 0), seq2seq.pad_rows(targets, 12, 0),
+                         specials)
   batches.append({k: v[None] for k, v in b.items()})
 out = {}
 for shape in ((1, 1, 1), (2, 2, 2), (1, 1, 8), (8, 1, 1)):
