@@ -25,7 +25,7 @@ import json
 import os
 import re
 import zlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -181,21 +181,26 @@ def split_documents(docs, val_fraction: float) -> tuple[list[str], list[str]]:
 
 # --- tokenizers and corpora ------------------------------------------------------------------
 
-def make_tokenizer(data_cfg, train_texts: list[str], specials: bool = False) -> tokenizers.Tokenizer:
+def make_tokenizer(data_cfg, train_texts: list[str],
+                   specials: Sequence[str] = ()) -> tokenizers.Tokenizer:
   """The tokenizer data.tokenizer names, trained on `train_texts` where it is trained.
-  specials: it must have [CLS] [SEP] [PAD] [MASK] (an encoder's task): a char tokenizer gains
-  them, word-piece has them, byte and bpe are refused (UsageError)."""
+  specials: special tokens the task needs (the encoder's tokenizers.CHAR_SPECIALS, T5's pad,
+  EOS and sentinels): a char tokenizer gains them after its characters, word-piece has its
+  own (BERT's), byte and bpe are refused (UsageError); a tokenizer.json is taken as it is
+  (the task checks it)."""
   kind = data_cfg.tokenizer
   if specials and kind in ("byte", "bpe"):
-    raise UsageError(f"data.tokenizer={kind!r} has no [CLS]/[SEP]/[PAD]/[MASK] tokens, which "
-                     f"the encoder needs: use wordpiece, char or a BERT tokenizer.json")
+    names = "/".join(specials[:4]) + ("/..." if len(specials) > 4 else "")
+    raise UsageError(f"data.tokenizer={kind!r} has no {names} tokens, which this task needs: "
+                     f"use char" + (", wordpiece or a BERT tokenizer.json"
+                                    if tuple(specials) == tokenizers.CHAR_SPECIALS else
+                                    " or a tokenizer.json that has them"))
   if kind == "wordpiece":
     return tokenizers.WordPieceTokenizer.train(train_texts, data_cfg.vocab_size)
   if kind == "byte":
     return tokenizers.ByteTokenizer()
   if kind == "char":
-    return tokenizers.CharTokenizer.train("".join(train_texts),
-                                          tokenizers.CHAR_SPECIALS if specials else ())
+    return tokenizers.CharTokenizer.train("".join(train_texts), specials)
   if kind == "bpe":
     return tokenizers.BPETokenizer.train(train_texts, data_cfg.vocab_size)
   path = kind if kind.endswith(".json") else os.path.join(kind, tokenizers.FILENAME)
@@ -292,9 +297,9 @@ def _load_token_file(data_cfg, tok) -> Corpus:
 
 
 def load_corpus(data_cfg, tokenizer: tokenizers.Tokenizer | None = None,
-                specials: bool = False) -> Corpus:
+                specials: Sequence[str] = ()) -> Corpus:
   """Reads, splits and tokenizes the configured data; reuses `tokenizer` when given (resume),
-  else makes one (with special tokens when `specials`: make_tokenizer)."""
+  else makes one (with the task's special tokens `specials`: make_tokenizer)."""
   if data_cfg.path and data_cfg.path.endswith(TOKEN_FILE_SUFFIXES):
     if tokenizer is None:
       if data_cfg.tokenizer in ("char", "bpe", "wordpiece"):

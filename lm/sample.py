@@ -247,13 +247,14 @@ def _beam_generate(graphdef, state, tokens, valid, max_new_tokens, num_beams, ea
                      stop_token=stop_token)
 
 
-def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """Token-id prompts -> (tokens, valid) int32 [B, longest], right-aligned (left padding).
+def left_pad(prompts: Sequence[Sequence[int]], length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id prompts -> (tokens, valid) int32 [B, max(longest, length)], right-aligned (left
+  padding).
 
   valid is 1 on real tokens and 0 on padding; positions then count from each row's first
   real token (`positions_of`), so a padded row decodes exactly as it would alone.
   """
-  p = max(len(x) for x in prompts)
+  p = max(length, max(len(x) for x in prompts))
   tokens = np.zeros((len(prompts), p), np.int32)
   valid = np.zeros((len(prompts), p), np.int32)
   for r, x in enumerate(prompts):
@@ -300,7 +301,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_return_sequences: int = 1, stop_token: int | None = None,
              seed: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool = False) -> list[list[np.ndarray]]:
+             early_stopping: bool = False, pad_to: int = 0) -> list[list[np.ndarray]]:
   """Continuations of token-id prompts: result[i][j] is the j-th sequence for prompt i.
 
   A decoder continues each prompt; an encoder-decoder reads it as the encoder's input and
@@ -308,7 +309,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   lengths are left-padded (masked); one compiled `lax.while_loop` decodes with the KV cache.
   A sequence ends before `stop_token` when it emits it; otherwise it has max_new_tokens ids.
   num_beams > 1: beam search (beam_generate: deterministic, temperature, top_k, top_p and
-  seed do not apply), the num_return_sequences best beams, best first.
+  seed do not apply), the num_return_sequences best beams, best first. pad_to: prompts are
+  padded to at least this length, so that batches of varying prompts share one compile.
   Bad settings raise UsageError before anything is compiled.
   """
   check_settings(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -317,12 +319,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   if num_beams > 1:
     beams = beam_generate(model, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           length_penalty=length_penalty, early_stopping=early_stopping,
-                          num_return_sequences=num_return_sequences, stop_token=stop_token)
+                          num_return_sequences=num_return_sequences, stop_token=stop_token,
+                          pad_to=pad_to)
     return [[seq for seq, _ in hyps] for hyps in beams]
   check_prompts(prompts, max_new_tokens=max_new_tokens, context=context_of(model.cfg),
                 vocab_size=model.cfg.vocab_size, stop_token=stop_token)
   rows = [x for x in prompts for _ in range(num_return_sequences)]
-  tokens, valid = left_pad(rows)
+  tokens, valid = left_pad(rows, pad_to)
   graphdef, state = nnx.split(model)
   mode = Mode.of(top_k, top_p, model.cfg.vocab_size)
   out, n = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), max_new_tokens,
@@ -344,7 +347,8 @@ def _cut(seq, stop_token):
 def beam_generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   num_beams: int, length_penalty: float = 1.0, early_stopping: bool = False,
                   num_return_sequences: int = 1,
-                  stop_token: int | None = None) -> list[list[tuple[np.ndarray, float]]]:
+                  stop_token: int | None = None,
+                  pad_to: int = 0) -> list[list[tuple[np.ndarray, float]]]:
   """Beam search (`beam_search`) from token-id prompts, batched (left padding), one compile.
 
   result[i]: the num_return_sequences best (tokens without the stop token, score) of prompt
@@ -357,7 +361,7 @@ def beam_generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_ne
                  length_penalty=length_penalty)
   check_prompts(prompts, max_new_tokens=max_new_tokens, context=context_of(model.cfg),
                 vocab_size=model.cfg.vocab_size, stop_token=stop_token)
-  tokens, valid = left_pad(prompts)
+  tokens, valid = left_pad(prompts, pad_to)
   graphdef, state = nnx.split(model)
   beams = _beam_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
                          max_new_tokens, num_beams, jnp.bool_(early_stopping),

@@ -145,6 +145,13 @@ FIELDS = (
     ("classify.genres", str, _ANY),
     ("mlm.mask_prob", float, _in(0, 1, lo_open=True)),
     ("mlm.whole_word", bool, _ANY),
+    ("seq2seq.input_field", str, ((lambda v: v != ""), "a non-empty field name")),
+    ("seq2seq.target_field", str, ((lambda v: v != ""), "a non-empty field name")),
+    ("seq2seq.max_target_len", int, _at_least(2)),
+    ("seq2seq.eval_generate", int, NONNEG),
+    ("seq2seq.length_buckets", int, POS),
+    ("span_corruption.noise_density", float, _in(0, 1, lo_open=True)),
+    ("span_corruption.mean_span", float, ((lambda v: _finite(v) and v >= 1), ">= 1")),
 )
 REQUIRED_SECTIONS = ("model", "data", "train", "mesh", "sample")
 OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
@@ -155,7 +162,13 @@ OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "model.arch", "model.type_vocab_size", "model.mlm_head", "model.pooler",  # issue 14
             "model.scan_layers", "model.remat",  # absent before issue 17
             "model.d_kv", "model.num_decoder_layers", "model.relative_buckets",  # issue 15
-            "model.relative_max_distance", "model.decoder_start_id"}
+            "model.relative_max_distance", "model.decoder_start_id",
+            "seq2seq.input_field", "seq2seq.target_field", "seq2seq.max_target_len",
+            "seq2seq.eval_generate", "seq2seq.length_buckets", "span_corruption.noise_density",
+            "span_corruption.mean_span"}
+# The model families each task trains (model.arch).
+TASK_ARCHS = {"lm": ("decoder",), "mlm": ("encoder",), "classify": ("decoder", "encoder"),
+              "seq2seq": ("encoder_decoder",), "span_corruption": ("encoder_decoder",)}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -250,11 +263,13 @@ def check_config(config, mode: str = "train") -> None:
                      f"{' or '.join(GENERATING_TASKS)}); a {tc.task} model has no text to "
                      f"generate")
   arch = model.get("arch", "decoder")
-  if tc.task in ("lm", "mlm") and arch != ("decoder" if tc.task == "lm" else "encoder"):
-    want = "decoder" if tc.task == "lm" else "encoder"
-    raise UsageError(f"train.task={tc.task!r} needs model.arch={want!r}, the config says "
-                     f"{arch!r}" + (" (experiments/bert_mlm.py is an encoder config)"
-                                    if tc.task == "mlm" else ""))
+  if arch not in TASK_ARCHS[tc.task]:
+    want = " or ".join(repr(a) for a in TASK_ARCHS[tc.task])
+    hint = {"mlm": " (experiments/bert_mlm.py is an encoder config)",
+            "seq2seq": " (experiments/t5_restore.py is an encoder-decoder config)",
+            "span_corruption": " (experiments/t5_span.py is an encoder-decoder config)"}
+    raise UsageError(f"train.task={tc.task!r} needs model.arch={want}, the config says "
+                     f"{arch!r}" + hint.get(tc.task, ""))
   if tc.task == "mlm" and not model.get("mlm_head", False):
     raise UsageError("train.task='mlm' needs model.mlm_head=True (the masked-LM head)")
   if mode == "train" and not tc.init_from:

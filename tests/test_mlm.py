@@ -156,7 +156,7 @@ def test_bad_input_is_one_clear_error(make_config):
   with pytest.raises(UsageError, match="model.arch='bert': expected one of decoder, encoder"):
     validate.check_config(encoder_config(make_config, **{"model.arch": "bert"}))
   config = encoder_config(make_config, **{"data.tokenizer": "byte"})
-  with pytest.raises(UsageError, match="has no \\[CLS\\]"):
+  with pytest.raises(UsageError, match="has no \\[PAD\\]/\\[CLS\\]"):
     mlm.TASK.load_data(config, None)
   with pytest.raises(UsageError, match="whole_word needs a word-piece"):
     mlm.Masker(tokenizers.CharTokenizer.train("ab", tokenizers.CHAR_SPECIALS), 0.15, True)

@@ -17,6 +17,8 @@ NAMES = {
     "lm": "lm.tasks.lm",  # next-token prediction (language modelling)
     "classify": "lm.tasks.classify",  # genre of a Shakespeare speech
     "mlm": "lm.tasks.mlm",  # masked language modelling (BERT), for encoders
+    "seq2seq": "lm.tasks.seq2seq",  # input text -> target text, for encoder-decoders (T5)
+    "span_corruption": "lm.tasks.span_corruption",  # T5's pre-training objective
 }
 
 

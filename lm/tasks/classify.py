@@ -258,7 +258,8 @@ class Classify(runtime.Task):
     ds = dataset_for(config)
     config = with_classes(config, ds)
     encoder = config.model.get("arch", "decoder") == "encoder"
-    tokenizer = tokenizer or data_lib.make_tokenizer(config.data, ds.train.texts, encoder)
+    tokenizer = tokenizer or data_lib.make_tokenizer(
+        config.data, ds.train.texts, tokenizers.CHAR_SPECIALS if encoder else ())
     logging.info("genre classification: %d classes %s, %d training speeches from %d plays, "
                  "%d held-out from %d plays %s", len(ds.classes), ds.classes,
                  len(ds.train.texts), len(set(ds.train.plays)), len(ds.val.texts),

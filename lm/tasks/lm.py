@@ -41,8 +41,9 @@ def check_decoder(config):
   """UsageError unless the model (the config's, or the checkpoint's it now holds) is a decoder."""
   arch = config.model.get("arch", "decoder")
   if arch != "decoder":
+    tasks = "seq2seq or span_corruption" if arch == "encoder_decoder" else "mlm or classify"
     raise UsageError(f"train.task='lm' (next token) needs model.arch='decoder'; this model is an "
-                     f"{arch} (its task: mlm or classify)")
+                     f"{arch} (its task: {tasks})")
 
 
 class LanguageModel(runtime.Task):

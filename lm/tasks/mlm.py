@@ -130,7 +130,7 @@ class MaskedLM(runtime.Task):
 
   def load_data(self, config, tokenizer):
     self._check_model(config)
-    corpus = data_lib.load_corpus(config.data, tokenizer, specials=True)
+    corpus = data_lib.load_corpus(config.data, tokenizer, tokenizers.CHAR_SPECIALS)
     if config.data.seq_len < 3:
       raise UsageError(f"data.seq_len={config.data.seq_len}: the masked-LM rows need 3 or more "
                        f"([CLS], a token, [SEP])")

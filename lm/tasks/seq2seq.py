@@ -1,31 +1,64 @@
-"""Supervised sequence-to-sequence data and its metrics.
+"""Supervised sequence-to-sequence pairs for encoder-decoders (T5): the task `seq2seq`, and
+the data, loss and evaluation that span corruption (lm/tasks/span_corruption.py) shares.
 
-Pairs (input text, target text) come from a `.jsonl` file (one object per line, the two texts in
-named fields) or from the embedded task: restoring a Shakespeare speech's punctuation, capitals
-and line breaks from its lower-cased, unpunctuated one-line form. Held-out plays give the
-validation pairs (the same split as genre classification), so no speech is in both.
+Pairs (input text, target text) come from a `.jsonl` file (data.path: one object per line, the
+two texts in the fields seq2seq.input_field / seq2seq.target_field; its last data.val_fraction
+of pairs are held out) or, with data.path "", from the embedded task: restoring a Shakespeare
+speech's punctuation, capitals and line breaks from its lower-cased, unpunctuated one-line
+form. Held-out plays give its validation pairs (the same split as genre classification), so no
+speech is in both.
 
-Metrics: character error rate (Levenshtein edit distance over target characters, summed over the
-corpus) and exact match; the copy baseline (output = input) is what a model must beat.
+Tokens: the char tokenizer of the training pairs (capitals, punctuation and line breaks
+included) with T5's specials after the characters: <pad> (also the decoder's start token:
+model.decoder_start_id is set to it) and </s> (EOS); span corruption adds the sentinels
+<extra_id_99> .. <extra_id_0> (so <extra_id_i> is <extra_id_0> - i, as in T5's vocabulary).
+A tokenizer.json that has these tokens (a converted T5's) works too. Inputs and targets end
+with EOS and are right-padded with <pad> to fixed lengths: data.seq_len (encoder) and
+seq2seq.max_target_len (decoder); a longer one is a UsageError naming the pair. With
+seq2seq.length_buckets = n > 1, training batches hold pairs of about the same length
+(bucketed_indices) and are cut to k/n of those lengths (n shapes, n compiles; the restoration
+pairs average a third of the longest, so most of a fixed-length batch is padding).
+
+A batch: {"inputs", "attention_mask" [B, data.seq_len], "decoder_inputs", "targets", "weights"
+[B, max_target_len]}; decoder_inputs are the targets shifted right behind the start token
+(teacher forcing), weights 1 on the real target tokens (EOS included). Training batches draw
+pairs from a permutation of the training pairs per epoch, from (seed, epoch): every pair once
+an epoch, the same batches after a resume.
+
+Metrics: teacher-forced cross-entropy and per-token accuracy (training and every evaluation);
+from greedy generation (lm.sample.generate, stopping at EOS): character error rate
+(Levenshtein edit distance over target characters, summed over the corpus) and exact match,
+beside the copy baseline (output = input), which a model must beat. Generation runs over every
+validation pair in --mode=eval, and over the first seq2seq.eval_generate (0: none) pairs at the
+evaluations during training (it costs a compile and a decode loop).
+Config: experiments/t5_restore.py.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import unicodedata
 
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from flax import nnx
 
 from lm import data as data_lib
+from lm import runtime
 from lm import tokenizers
+from lm import train as train_lib
 from lm.errors import UsageError
 from lm.tasks import classify
+from lm.tasks.lm import cross_entropy
 
 
 @dataclasses.dataclass
 class Pairs:
   inputs: list[str]
   targets: list[str]
+  where: list[str] = dataclasses.field(default_factory=list)  # each pair's source, for errors
 
 
 def strip_for_restoration(text: str) -> str:
@@ -49,6 +82,7 @@ def restoration_pairs(val_fraction: float = 0.1, min_chars: int = 20, max_chars:
       if min_chars <= len(speech) <= max_chars and stripped:
         part.inputs.append(stripped)
         part.targets.append(speech)
+        part.where.append(f"the restoration pair {len(part.inputs) - 1} ({name})")
   for split, part in (("training", train), ("validation", val)):
     if not part.inputs:
       raise UsageError(f"the restoration task has no {split} speeches of {min_chars}..{max_chars} "
@@ -63,7 +97,7 @@ def read_pairs(path: str, input_field: str, target_field: str) -> Pairs:
   if not rows:
     raise UsageError(f"{path}: no input/target pairs")
   clean = lambda i: [tokenizers.clean_text(r[i], path) for r in rows]
-  return Pairs(clean(1), clean(2))
+  return Pairs(clean(1), clean(2), [r[0] for r in rows])
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -94,3 +128,355 @@ def char_error_rate(predictions: list[str], targets: list[str]) -> float:
 def exact_match(predictions: list[str], targets: list[str]) -> float:
   """Fraction of predictions equal to their target."""
   return float(np.mean([p == t for p, t in zip(predictions, targets)])) if targets else 0.0
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+PAD, EOS = "<pad>", "</s>"  # T5's names (a converted T5 tokenizer has them too)
+NUM_SENTINELS = 100  # span corruption's <extra_id_0> .. <extra_id_99>, as T5's vocabulary
+
+
+def sentinel(i: int) -> str:
+  return f"<extra_id_{i}>"
+
+
+def char_specials(num_sentinels: int = 0) -> tuple[str, ...]:
+  """The specials a char tokenizer gains (after its characters): <pad>, </s>, then the
+  sentinels counting down, so that <extra_id_i> is the id of <extra_id_0> minus i."""
+  return (PAD, EOS, *(sentinel(i) for i in reversed(range(num_sentinels))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+  """The ids of a tokenizer's T5 specials."""
+  pad: int  # also the decoder's start token
+  eos: int
+  first_sentinel: int  # <extra_id_0>, or -1 without sentinels
+  num_sentinels: int  # <extra_id_i> = first_sentinel - i for i < num_sentinels
+
+
+def _token_id(tokenizer, name: str) -> int | None:
+  ids = tokenizers.special_ids(tokenizer)  # a char tokenizer's specials
+  if name in ids:
+    return ids[name]
+  hf = getattr(tokenizer, "tok", None)  # a Hugging Face tokenizer (a converted T5's)
+  return None if hf is None else hf.token_to_id(name)
+
+
+def specials_of(tokenizer) -> Specials:
+  """The tokenizer's <pad>, </s> and sentinels; UsageError if it lacks <pad> or </s>."""
+  pad, eos = _token_id(tokenizer, PAD), _token_id(tokenizer, EOS)
+  if pad is None or eos is None:
+    raise UsageError(f"an encoder-decoder task needs a tokenizer with {PAD} and {EOS}; this "
+                     f"{tokenizer.kind} tokenizer lacks them (use data.tokenizer=char)")
+  first, n = _token_id(tokenizer, sentinel(0)), 0
+  while first is not None and _token_id(tokenizer, sentinel(n)) == first - n:
+    n += 1
+  return Specials(pad, eos, -1 if first is None else first, n)
+
+
+def task_tokenizer(config, texts: list[str], num_sentinels: int = 0):
+  """A new tokenizer for an encoder-decoder task: data.tokenizer (char: the characters of
+  `texts` with char_specials(num_sentinels); a tokenizer.json is loaded as it is)."""
+  return data_lib.make_tokenizer(config.data, texts, char_specials(num_sentinels))
+
+
+def with_start_token(config, specials: Specials):
+  """config with model.decoder_start_id = the tokenizer's <pad> (0 in the config: take it, as
+  T5 starts from pad; another value is a UsageError)."""
+  start = config.model.get("decoder_start_id", 0)
+  if start not in (0, specials.pad):
+    raise UsageError(f"model.decoder_start_id={start} but the tokenizer's {PAD} is "
+                     f"{specials.pad}: the decoder starts from {PAD} (leave it 0)")
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.decoder_start_id = specials.pad
+  return config
+
+
+def check_model(config, task: str) -> None:
+  """UsageError unless the model (the config's, or the checkpoint's it now holds) is an
+  encoder-decoder."""
+  arch = config.model.get("arch", "decoder")
+  if arch != "encoder_decoder":
+    raise UsageError(f"train.task={task!r} needs model.arch='encoder_decoder' (T5: "
+                     f"lm.config.t5_model); this model is a {arch}")
+
+
+# --- examples and batches ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Examples:
+  """Token rows of fixed lengths, right-padded with <pad>: inputs [N, S], targets [N, T]
+  (int32; both end with EOS)."""
+  inputs: np.ndarray
+  targets: np.ndarray
+
+
+def pad_rows(rows: list[np.ndarray], length: int, pad: int) -> np.ndarray:
+  out = np.full((len(rows), length), pad, np.int32)
+  for r, row in enumerate(rows):
+    out[r, :len(row)] = row
+  return out
+
+
+def encode_pairs(tokenizer, specials: Specials, pairs: Pairs, input_len: int,
+                 target_len: int) -> Examples:
+  """Pairs -> Examples, each text + EOS; UsageError naming the first pair whose input or target
+  is longer than its side's maximum (data.seq_len, seq2seq.max_target_len)."""
+  rows = {"input": [], "target": []}
+  for i, (x, y) in enumerate(zip(pairs.inputs, pairs.targets)):
+    where = pairs.where[i] if pairs.where else f"pair {i}"
+    for side, text, limit, field in (("input", x, input_len, "data.seq_len"),
+                                     ("target", y, target_len, "seq2seq.max_target_len")):
+      ids = np.append(tokenizer.encode(text), specials.eos)
+      if len(ids) > limit:
+        raise UsageError(f"{where}: its {side} is {len(ids)} tokens with EOS, longer than "
+                         f"{field}={limit}")
+      rows[side].append(ids)
+  return Examples(pad_rows(rows["input"], input_len, specials.pad),
+                  pad_rows(rows["target"], target_len, specials.pad))
+
+
+def make_batch(inputs: np.ndarray, targets: np.ndarray, specials: Specials) -> dict:
+  """Rows inputs [B, S], targets [B, T] (right-padded with <pad>) -> the model's batch (see
+  the module doc): attention_mask and weights mark what is not <pad>."""
+  start = np.full((len(targets), 1), specials.pad, np.int32)
+  return {"inputs": inputs.astype(np.int32),
+          "attention_mask": (inputs != specials.pad).astype(np.int32),
+          "decoder_inputs": np.concatenate([start, targets[:, :-1]], 1).astype(np.int32),
+          "targets": targets.astype(np.int32),
+          "weights": (targets != specials.pad).astype(np.float32)}
+
+
+def fill(examples: Examples, specials: Specials) -> np.ndarray:
+  """float [N]: the fraction of its row that each pair fills, on its fuller side."""
+  used = lambda rows: (rows != specials.pad).sum(1) / rows.shape[1]
+  return np.maximum(used(examples.inputs), used(examples.targets))
+
+
+def bucketed_indices(fills: np.ndarray, *, seed: int, step: int, batch_size: int,
+                     num_buckets: int, chunk: int = 16) -> tuple[np.ndarray, float]:
+  """(indices [batch_size], fraction of the full lengths the batch needs) of a step's batch,
+  by length: the `chunk` batches of steps chunk*c .. chunk*c + chunk - 1 share the next
+  chunk * batch_size pairs of the epoch permutations (epoch_indices), sorted by fill, split in
+  order and handed out in a random order from (seed, c); each batch is cut to the smallest
+  k / num_buckets of the full lengths that holds it. num_buckets 1: epoch_indices' batch at
+  the full lengths."""
+  if num_buckets == 1:
+    return epoch_indices(len(fills), seed=seed, step=step, batch_size=batch_size), 1.0
+  c = step // chunk
+  pool = epoch_indices(len(fills), seed=seed, step=c, batch_size=chunk * batch_size)
+  batches = pool[np.argsort(fills[pool], kind="stable")].reshape(chunk, batch_size)
+  idx = batches[np.random.default_rng([seed, c, 4]).permutation(chunk)[step % chunk]]
+  return idx, np.ceil(fills[idx].max() * num_buckets - 1e-9) / num_buckets
+
+
+def epoch_indices(n: int, *, seed: int, step: int, batch_size: int) -> np.ndarray:
+  """Indices [batch_size] into n examples of a step's batch: the step's slice of a permutation
+  drawn per epoch from (seed, epoch), so every example comes once an epoch."""
+  flat = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs = flat // n
+  out = np.empty(batch_size, np.int64)
+  for e in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(e), 3]).permutation(n)
+    out[epochs == e] = perm[flat[epochs == e] % n]
+  return out
+
+
+# --- loss and evaluation (shared with span corruption) ------------------------------------------
+
+def seq2seq_sums(model, batch, rngs=None):
+  """(loss sum, correct tokens, scored tokens) of a batch, teacher-forced."""
+  logits = model(batch["inputs"], batch["decoder_inputs"], batch["attention_mask"], rngs=rngs)
+  loss_sum, count = cross_entropy(logits, batch["targets"], batch["weights"])
+  correct = ((logits.argmax(-1) == batch["targets"]) * batch["weights"]).sum()
+  return loss_sum, correct, count
+
+
+def teacher_forced(run, state, examples: Examples, specials: Specials,
+                   max_batches: int | None) -> dict:
+  """Loss and per-token accuracy over the first max_batches (None: all) batches of
+  train.eval_batch_size rows; the last batch is filled with weightless rows."""
+  batch_size = run.config.train.eval_batch_size
+  train_lib.check_divides_data_parallel(run, eval_batch_size=batch_size)
+  step = train_lib.make_eval_step(run, seq2seq_sums)
+  n = len(examples.inputs)
+  if max_batches is not None:
+    n = min(n, max_batches * batch_size)
+  totals = np.zeros(3)
+  for i in range(0, n, batch_size):
+    idx = np.arange(i, i + batch_size)
+    real = idx < n
+    idx = np.where(real, idx, 0)
+    targets = np.where(real[:, None], examples.targets[idx], specials.pad)  # fill: no weight
+    batch = make_batch(examples.inputs[idx], targets, specials)
+    totals += [float(x) for x in step(state, train_lib.put_batch(run, batch))]
+  count = max(totals[2], 1.0)
+  return {"val_loss": totals[0] / count, "val_accuracy": totals[1] / count,
+          "val_tokens": int(totals[2])}
+
+
+def generate_texts(model, tokenizer, specials: Specials, examples: Examples, batch_size: int,
+                   max_new_tokens: int) -> list[str]:
+  """Greedy outputs for every input row, decoded (up to EOS). Batches of batch_size prompts
+  padded to the rows' full width, the last one filled with copies, so it compiles once; the
+  rows go shortest first, so a batch's rows end at about the same step."""
+  from lm import sample as sample_lib
+  prompts = [row[row != specials.pad] for row in examples.inputs]
+  order = np.argsort([len(p) for p in prompts], kind="stable")
+  out = [""] * len(prompts)
+  for i in range(0, len(order), batch_size):
+    chunk = list(order[i:i + batch_size])
+    chunk += [chunk[-1]] * (batch_size - len(chunk))
+    seqs = sample_lib.generate(model, [prompts[j] for j in chunk], temperature=0.0,
+                               max_new_tokens=max_new_tokens, stop_token=specials.eos,
+                               pad_to=examples.inputs.shape[1])
+    for j, seq in zip(chunk, seqs):
+      out[j] = tokenizer.decode(seq[0])
+  return out
+
+
+def generation_metrics(predictions: list[str], pairs: Pairs) -> dict:
+  """CER and exact match of `predictions` for the first len(predictions) pairs, and the copy
+  baseline's on the same pairs."""
+  n = len(predictions)
+  inputs, targets = pairs.inputs[:n], pairs.targets[:n]
+  return {"cer": char_error_rate(predictions, targets),
+          "exact_match": exact_match(predictions, targets),
+          "copy_cer": char_error_rate(inputs, targets),
+          "copy_exact_match": exact_match(inputs, targets), "generated_pairs": n}
+
+
+def describe(result: dict) -> str:
+  """The log line of a seq2seq or span-corruption evaluation."""
+  line = (f"val_loss {result['val_loss']:.4f} | token accuracy {result['val_accuracy']:.4f} "
+          f"over {result['val_tokens']} tokens")
+  if "cer" in result:
+    line += (f" | CER {result['cer']:.4f} (copy baseline {result['copy_cer']:.4f}) | exact "
+             f"match {result['exact_match']:.4f} (copy {result['copy_exact_match']:.4f}) over "
+             f"{result['generated_pairs']} pairs")
+  return line
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: object
+  specials: Specials
+  train: Examples
+  val: Examples
+  val_pairs: Pairs  # the validation texts, in the order of `val`
+  train_fill: np.ndarray  # fill(train): the length buckets of the training batches
+  generate_all: bool = False  # --mode=eval: generation metrics over every validation pair
+
+
+def options(config) -> dict:
+  """config.seq2seq with its defaults."""
+  sc = config.get("seq2seq") or {}
+  return {"input_field": sc.get("input_field", "input"),
+          "target_field": sc.get("target_field", "target"),
+          "max_target_len": int(sc.get("max_target_len", 256)),
+          "eval_generate": int(sc.get("eval_generate", 0)),
+          "length_buckets": int(sc.get("length_buckets", 1))}
+
+
+def load_pairs(config, path: str | None = None) -> tuple[Pairs, Pairs]:
+  """(training, validation) pairs of data.path (or `path`: all of them validation)."""
+  opts = options(config)
+  if path is not None:
+    return Pairs([], []), read_pairs(path, opts["input_field"], opts["target_field"])
+  if not config.data.path:
+    return restoration_pairs(config.data.val_fraction)
+  if not config.data.path.endswith(".jsonl"):
+    raise UsageError(f"data.path={config.data.path!r}: the seq2seq task reads a .jsonl file of "
+                     f"pairs ('' for the embedded restoration task)")
+  pairs = read_pairs(config.data.path, opts["input_field"], opts["target_field"])
+  n_val = max(1, round(len(pairs.inputs) * config.data.val_fraction))
+  if len(pairs.inputs) - n_val < 1:
+    raise UsageError(f"{config.data.path}: {len(pairs.inputs)} pair(s); the seq2seq task needs "
+                     f"at least 2 (training and validation)")
+  cut = len(pairs.inputs) - n_val
+  part = lambda sl: Pairs(pairs.inputs[sl], pairs.targets[sl], pairs.where[sl])
+  return part(slice(0, cut)), part(slice(cut, None))
+
+
+def shuffled(pairs: Pairs) -> Pairs:
+  """The pairs in a fixed random order, so that an evaluation over the first few batches
+  samples the whole split (the restoration pairs come play by play)."""
+  order = np.random.default_rng(0).permutation(len(pairs.inputs))
+  pick = lambda xs: [xs[i] for i in order] if xs else xs
+  return Pairs(pick(pairs.inputs), pick(pairs.targets), pick(pairs.where))
+
+
+class Seq2Seq(runtime.Task):
+  name = "seq2seq"
+
+  def load_data(self, config, tokenizer):
+    check_model(config, self.name)
+    train, val = load_pairs(config)
+    tokenizer = tokenizer or task_tokenizer(config, train.targets + train.inputs)
+    config, data = self._encode(config, tokenizer, train, val)
+    logging.info("seq2seq: %d training pairs, %d validation pairs; vocabulary %d, start token %d",
+                 len(data.train.inputs), len(data.val.inputs), tokenizer.vocab_size,
+                 data.specials.pad)
+    return config, tokenizer, data
+
+  def eval_data(self, config, tokenizer, data_path):
+    check_model(config, self.name)
+    train, val = load_pairs(config, data_path)
+    return dataclasses.replace(self._encode(config, tokenizer, train, val)[1], generate_all=True)
+
+  @staticmethod
+  def _encode(config, tokenizer, train: Pairs, val: Pairs):
+    specials = specials_of(tokenizer)
+    config = with_start_token(config, specials)
+    lengths = config.data.seq_len, options(config)["max_target_len"]
+    val = shuffled(val)
+    train = encode_pairs(tokenizer, specials, train, *lengths)
+    return config, Data(tokenizer, specials, train,
+                        encode_pairs(tokenizer, specials, val, *lengths), val,
+                        fill(train, specials))
+
+  def batch(self, data: Data, config, step):
+    idx, part = bucketed_indices(data.train_fill, seed=config.seed, step=step,
+                                 batch_size=config.train.batch_size,
+                                 num_buckets=options(config)["length_buckets"])
+    cut = lambda rows: rows[idx, :int(np.ceil(rows.shape[1] * part))]
+    return make_batch(cut(data.train.inputs), cut(data.train.targets), data.specials)
+
+  def loss(self, model, batch, rngs):
+    loss_sum, correct, count = seq2seq_sums(model, batch, rngs)
+    count = jnp.maximum(count, 1.0)
+    return loss_sum / count, {"train_accuracy": correct / count}
+
+  def evaluate(self, run, state, data: Data, max_batches):
+    result = teacher_forced(run, state, data.val, data.specials, max_batches)
+    n = len(data.val.inputs) if data.generate_all else options(run.config)["eval_generate"]
+    if n:
+      val = Examples(data.val.inputs[:n], data.val.targets[:n])
+      model = nnx.merge(run.graphdef, state)[0]
+      texts = generate_texts(model, data.tokenizer, data.specials, val,
+                             run.config.train.eval_batch_size, val.targets.shape[1])
+      result.update(generation_metrics(texts, data.val_pairs))
+    return result
+
+  def describe(self, result):
+    return describe(result)
+
+  def report(self, run, state, tokenizer, data: Data):
+    """config.sample.num_samples validation pairs with the model's greedy output, on stdout."""
+    n = min(run.config.sample.num_samples, len(data.val.inputs))
+    if not n:
+      return
+    val = Examples(data.val.inputs[:n], data.val.targets[:n])
+    model = nnx.merge(run.graphdef, state)[0]
+    texts = generate_texts(model, tokenizer, data.specials, val,
+                           run.config.train.eval_batch_size, val.targets.shape[1])
+    for i, text in enumerate(texts):
+      print(f"--- input ---\n{data.val_pairs.inputs[i]}\n--- output ---\n{text}\n--- target ---\n"
+            f"{data.val_pairs.targets[i]}", flush=True)
+
+
+TASK = Seq2Seq()

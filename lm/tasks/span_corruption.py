@@ -13,13 +13,27 @@ the end of the vocabulary). Both end with EOS:
 
 Everything is numpy and a pure function of (seed, step, row), like lm/data.py's batches, so a
 resumed run sees the same examples.
+
+The task `span_corruption` (config.train.task): lm/data.py's corpus (data.path, the embedded
+plays by default) with the char tokenizer and T5's specials (lm/tasks/seq2seq.py: <pad>, </s>,
+100 sentinels); inputs of data.seq_len tokens at most (every row the same length, from raw
+windows of raw_length_for(data.seq_len)), noise density and mean span length from
+config.span_corruption (0.15 and 3, T5's). Loss and evaluation are seq2seq's (teacher-forced
+cross-entropy and per-token accuracy); evaluation runs over consecutive raw windows of the
+held-out split, each corrupted with draws fixed by its index, so every evaluation scores the
+same examples. Config: experiments/t5_span.py; fine-tune with the seq2seq task
+(train.init_from: the same tokenizer and model).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from lm import data as data_lib
 from lm.errors import UsageError
+from lm.tasks import seq2seq
 
 
 def _counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -95,3 +109,79 @@ def get_batch(ids: np.ndarray, *, seed: int, step: int, batch_size: int, inputs_
   rows = [corrupt(np.asarray(ids[s:s + raw]), noise_mask(rng, raw, noise_density, mean_span),
                   first_sentinel=first_sentinel, eos=eos) for s in starts]
   return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+def options(config) -> tuple[float, float]:
+  """(noise_density, mean_span) of config.span_corruption ((0.15, 3.0) when absent)."""
+  sc = config.get("span_corruption") or {}
+  return float(sc.get("noise_density", 0.15)), float(sc.get("mean_span", 3.0))
+
+
+@dataclasses.dataclass
+class SpanData:
+  train: np.ndarray  # the training split's token ids
+  val: seq2seq.Examples  # the held-out windows, corrupted
+  specials: seq2seq.Specials
+
+
+def held_out(ids: np.ndarray, *, seed: int, inputs_length: int, noise_density: float,
+             mean_span: float, specials: seq2seq.Specials) -> seq2seq.Examples:
+  """Consecutive raw windows of `ids`, window i corrupted with the draws of [seed, i, 2] (never a
+  training step's [seed, step])."""
+  raw = raw_length_for(inputs_length, noise_density, mean_span)
+  rows = [corrupt(np.asarray(ids[s:s + raw]),
+                  noise_mask(np.random.default_rng([seed, i, 2]), raw, noise_density, mean_span),
+                  first_sentinel=specials.first_sentinel, eos=specials.eos)
+          for i, s in enumerate(range(0, len(ids) - raw + 1, raw))]
+  return seq2seq.Examples(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+
+
+class SpanCorruption(seq2seq.Seq2Seq):
+  """T5's pre-training objective; the loss, evaluation and log line are seq2seq's."""
+  name = "span_corruption"
+
+  def load_data(self, config, tokenizer):
+    seq2seq.check_model(config, self.name)
+    corpus = data_lib.load_corpus(config.data, tokenizer,
+                                  seq2seq.char_specials(seq2seq.NUM_SENTINELS))
+    specials = seq2seq.specials_of(corpus.tokenizer)
+    config = seq2seq.with_start_token(config, specials)
+    density, mean = options(config)
+    raw = raw_length_for(config.data.seq_len, density, mean)
+    spans = _counts(raw, density, mean)[1]
+    if spans > specials.num_sentinels:
+      raise UsageError(f"span corruption: data.seq_len={config.data.seq_len} makes {spans} noise "
+                       f"spans a row, more than the tokenizer's {specials.num_sentinels} "
+                       f"sentinels {seq2seq.sentinel(0)}..")
+    for split, ids in (("training", corpus.train), ("validation", corpus.val)):
+      if len(ids) <= raw:
+        raise UsageError(f"span corruption: the {split} split has {len(ids)} tokens, it needs "
+                         f"more than one raw window of {raw}")
+    val = held_out(corpus.val, seed=config.seed, inputs_length=config.data.seq_len,
+                   noise_density=density, mean_span=mean, specials=specials)
+    return config, corpus.tokenizer, SpanData(corpus.train, val, specials)
+
+  def eval_data(self, config, tokenizer, data_path):
+    if data_path is not None:
+      raise UsageError("--data_path: the span_corruption task reads the data its config names")
+    return self.load_data(config, tokenizer)[2]
+
+  def batch(self, data: SpanData, config, step):
+    density, mean = options(config)
+    inputs, targets = get_batch(data.train, seed=config.seed, step=step,
+                                batch_size=config.train.batch_size,
+                                inputs_length=config.data.seq_len, noise_density=density,
+                                mean_span=mean, first_sentinel=data.specials.first_sentinel,
+                                eos=data.specials.eos)
+    return seq2seq.make_batch(inputs, targets, data.specials)
+
+  def evaluate(self, run, state, data: SpanData, max_batches):
+    return seq2seq.teacher_forced(run, state, data.val, data.specials, max_batches)
+
+  def report(self, run, state, tokenizer, data):
+    pass
+
+
+TASK = SpanCorruption()
