@@ -315,16 +315,24 @@ def hf_config_from_model(cfg: ModelConfig, model_type: str | None = None) -> dic
   if model_type == "t5":
     return _t5_config(cfg)
   if model_type == "gpt2":
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
-        "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
-        "n_inner": None if cfg.ff_dim == 4 * cfg.d_model else cfg.ff_dim,
-        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.ln_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
-    }
+    return _gpt2_config(cfg)
+  return _llama_config(cfg, model_type)
+
+
+def _gpt2_config(cfg: ModelConfig) -> dict:
+  return {
+      "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+      "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+      "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+      "n_inner": None if cfg.ff_dim == 4 * cfg.d_model else cfg.ff_dim,
+      "activation_function": "gelu_new", "layer_norm_epsilon": cfg.ln_eps,
+      "tie_word_embeddings": cfg.tie_embeddings, "scale_attn_weights": True,
+      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+      "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
+  }
+
+
+def _llama_config(cfg: ModelConfig, model_type: str) -> dict:
   scaling = parse_rope_scaling(cfg.rope_scaling)
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
           "qwen2": "Qwen2ForCausalLM"}[model_type]

@@ -150,6 +150,7 @@ FIELDS = (
     ("seq2seq.max_target_len", int, _at_least(2)),
     ("seq2seq.eval_generate", int, NONNEG),
     ("seq2seq.length_buckets", int, POS),
+    ("seq2seq.max_chars", int, _at_least(2)),
     ("span_corruption.noise_density", float, _in(0, 1, lo_open=True)),
     ("span_corruption.mean_span", float, ((lambda v: _finite(v) and v >= 1), ">= 1")),
 )
@@ -164,7 +165,8 @@ OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "model.d_kv", "model.num_decoder_layers", "model.relative_buckets",  # issue 15
             "model.relative_max_distance", "model.decoder_start_id",
             "seq2seq.input_field", "seq2seq.target_field", "seq2seq.max_target_len",
-            "seq2seq.eval_generate", "seq2seq.length_buckets", "span_corruption.noise_density",
+            "seq2seq.eval_generate", "seq2seq.length_buckets", "seq2seq.max_chars",
+            "span_corruption.noise_density",
             "span_corruption.mean_span"}
 # The model families each task trains (model.arch).
 TASK_ARCHS = {"lm": ("decoder",), "mlm": ("encoder",), "classify": ("decoder", "encoder"),

@@ -10,6 +10,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+def fake_devices(n: int) -> str:
+  """XLA_FLAGS for n fake CPU devices. XLA's in-process collectives abort a run whose devices
+  do not all reach an all-reduce within 40 s (a CHECK failure, 2026-11-30: 'only 7 of them
+  arrived on time'), which a 2-core machine running several 8-device processes at once can
+  exceed: the tests wait up to 10 minutes instead."""
+  return (f"--xla_force_host_platform_device_count={n} "
+          "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+          "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+
+
 def tiny_config(**overrides):
   """experiments/base.py shrunk to a model that trains in seconds; overrides as 'a.b': value."""
   from experiments import base

@@ -10,6 +10,7 @@ from flax import nnx
 from lm.config import model_config
 from lm.errors import UsageError
 from lm.model import Encoder, build
+from tests.conftest import fake_devices
 
 
 def bert(**kw):
@@ -162,7 +163,7 @@ def test_encoder_trains_under_8_devices_like_on_one(tmp_path):
   import sys
   from tests.conftest import ROOT
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": fake_devices(8)}
   out = tmp_path / "out.json"
   r = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_WORKER, str(out)], env=env, cwd=ROOT,
                      capture_output=True, text=True, timeout=600)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from lm import checkpoint as ckpt_lib
 from lm import sharding, tokenizers, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fake_devices
 
 STEPS = 4
 OVERRIDES = {
@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def _launch(workdir, devices, *extra, **overrides):
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": fake_devices(devices)}
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **overrides}.items()]
   return subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "experiments", "run.py"),

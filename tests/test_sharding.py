@@ -20,7 +20,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from lm import sharding, train
 from lm.errors import UsageError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fake_devices
 
 MESHES = ("(8, 1, 1)", "(1, 8, 1)", "(1, 1, 8)", "(2, 2, 2)")
 
@@ -224,7 +224,7 @@ def eight(tmp_path_factory):
   """Both workers at once (two cores): {"xla": result, "triton": result}."""
   out = tmp_path_factory.mktemp("sharding")
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": fake_devices(8)}
   procs = {part: subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "tests", "sharding_worker.py"), part,
        str(out / f"{part}.json")], env=env, cwd=ROOT, stdout=subprocess.PIPE,

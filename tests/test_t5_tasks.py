@@ -18,7 +18,7 @@ from lm import validate
 from lm.errors import UsageError
 from lm.tasks import seq2seq
 from lm.tasks import span_corruption as sc
-from tests.conftest import ROOT, run_main
+from tests.conftest import ROOT, run_main, fake_devices
 
 T5 = {"model.arch": "encoder_decoder", "model.positions": "relative", "model.norm": "pre",
       "model.norm_type": "rmsnorm", "model.mlp": "gated_gelu", "model.tie_embeddings": False,
@@ -306,7 +306,7 @@ def test_encoder_decoder_trains_under_8_devices_like_on_one(tmp_path):
   """seq2seq steps of a T5 (padding in encoder and decoder) on 8 fake CPU devices under data,
   FSDP, tensor and mixed meshes: the same losses and parameters as on one device."""
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": fake_devices(8)}
   out = tmp_path / "out.json"
   r = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_WORKER, str(out)], env=env, cwd=ROOT,
                      capture_output=True, text=True, timeout=600)

@@ -379,7 +379,9 @@ def options(config) -> dict:
           "target_field": sc.get("target_field", "target"),
           "max_target_len": int(sc.get("max_target_len", 256)),
           "eval_generate": int(sc.get("eval_generate", 0)),
-          "length_buckets": int(sc.get("length_buckets", 1))}
+          "length_buckets": int(sc.get("length_buckets", 1)),
+          # the embedded restoration task: speeches of 20..max_chars characters as printed
+          "max_chars": int(sc.get("max_chars", 200))}
 
 
 def load_pairs(config, path: str | None = None) -> tuple[Pairs, Pairs]:
@@ -388,7 +390,7 @@ def load_pairs(config, path: str | None = None) -> tuple[Pairs, Pairs]:
   if path is not None:
     return Pairs([], []), read_pairs(path, opts["input_field"], opts["target_field"])
   if not config.data.path:
-    return restoration_pairs(config.data.val_fraction)
+    return restoration_pairs(config.data.val_fraction, max_chars=opts["max_chars"])
   if not config.data.path.endswith(".jsonl"):
     raise UsageError(f"data.path={config.data.path!r}: the seq2seq task reads a .jsonl file of "
                      f"pairs ('' for the embedded restoration task)")
