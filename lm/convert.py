@@ -667,7 +667,6 @@ def _t5_tensors(p: dict, cfg: ModelConfig) -> dict:
 def _bert_tensors(p: dict, cfg: ModelConfig) -> dict:
   """Names as BertModel (no prefix) or Bert*For* ("bert." before the encoder) save them."""
   pre = "bert." if cfg.mlm_head or cfg.num_classes else ""
-  d = cfg.d_model
   linear = _nn_linear
   ln = lambda name, x: {name + ".weight": x["scale"], name + ".bias": x["bias"]}
   e = pre + "embeddings."

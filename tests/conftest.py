@@ -20,6 +20,29 @@ def fake_devices(n: int) -> str:
           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
 
+def assert_trains_like_one_device(worker: str, tmp_path):
+  """Runs `worker` (Python source that writes {mesh shape: {"losses", "params"}} as JSON to
+  argv[1], "(1, 1, 1)" among them) on 8 fake CPU devices; asserts the one-device run learns and
+  every other mesh gives its losses and parameters."""
+  import json
+  import subprocess
+  import numpy as np
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": fake_devices(8)}
+  out = tmp_path / "out.json"
+  r = subprocess.run([sys.executable, "-c", worker, str(out)], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  result = json.loads(out.read_text())
+  ref = result.pop("(1, 1, 1)")
+  assert ref["losses"][-1] < ref["losses"][0]
+  assert result, "no multi-device mesh was run"
+  for shape, got in result.items():
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=shape)
+    for name, want in ref["params"].items():
+      np.testing.assert_allclose(np.asarray(got["params"][name]), np.asarray(want), atol=2e-5,
+                                 err_msg=f"{shape} {name}")
+
+
 def tiny_config(**overrides):
   """experiments/base.py shrunk to a model that trains in seconds; overrides as 'a.b': value."""
   from experiments import base

@@ -10,7 +10,7 @@ from flax import nnx
 from lm.config import model_config
 from lm.errors import UsageError
 from lm.model import Encoder, build
-from tests.conftest import fake_devices
+from tests.conftest import assert_trains_like_one_device
 
 
 def bert(**kw):
@@ -157,25 +157,7 @@ json.dump(out, open(sys.argv[1], "w"))
 def test_encoder_trains_under_8_devices_like_on_one(tmp_path):
   """MLM steps of an encoder (padding included) on 8 fake CPU devices under data, FSDP,
   tensor and mixed meshes: the same losses and parameters as on one device."""
-  import json
-  import os
-  import subprocess
-  import sys
-  from tests.conftest import ROOT
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": fake_devices(8)}
-  out = tmp_path / "out.json"
-  r = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_WORKER, str(out)], env=env, cwd=ROOT,
-                     capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-4000:]
-  result = json.loads(out.read_text())
-  ref = result.pop("(1, 1, 1)")
-  assert ref["losses"][-1] < ref["losses"][0]
-  for shape, got in result.items():
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=shape)
-    for name, want in ref["params"].items():
-      np.testing.assert_allclose(np.asarray(got["params"][name]), np.asarray(want), atol=2e-5,
-                                 err_msg=f"{shape} {name}")
+  assert_trains_like_one_device(EIGHT_DEVICE_WORKER, tmp_path)
 
 
 def test_checkpoints_from_before_the_encoder_fields_still_resume(make_config):

@@ -8,17 +8,14 @@ import signal
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from lm import validate
-from lm.errors import UsageError
 from lm.tasks import seq2seq
 from lm.tasks import span_corruption as sc
-from tests.conftest import ROOT, run_main, fake_devices
+from tests.conftest import ROOT, assert_trains_like_one_device, run_main
 
 T5 = {"model.arch": "encoder_decoder", "model.positions": "relative", "model.norm": "pre",
       "model.norm_type": "rmsnorm", "model.mlp": "gated_gelu", "model.tie_embeddings": False,
@@ -305,20 +302,7 @@ json.dump(out, open(sys.argv[1], "w"))
 def test_encoder_decoder_trains_under_8_devices_like_on_one(tmp_path):
   """seq2seq steps of a T5 (padding in encoder and decoder) on 8 fake CPU devices under a
   2 x 2 x 2 (data, FSDP, tensor) mesh: the same losses and parameters as on one device."""
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": fake_devices(8)}
-  out = tmp_path / "out.json"
-  r = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_WORKER, str(out)], env=env, cwd=ROOT,
-                     capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-4000:]
-  result = json.loads(out.read_text())
-  ref = result.pop("(1, 1, 1)")
-  assert ref["losses"][-1] < ref["losses"][0]
-  for shape, got in result.items():
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5, err_msg=shape)
-    for name, want in ref["params"].items():
-      np.testing.assert_allclose(np.asarray(got["params"][name]), np.asarray(want), atol=2e-5,
-                                 err_msg=f"{shape} {name}")
+  assert_trains_like_one_device(EIGHT_DEVICE_WORKER, tmp_path)
 
 
 # --- bad input ---------------------------------------------------------------------------------
