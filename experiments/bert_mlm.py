@@ -3,14 +3,13 @@
 Command:
   python experiments/run.py --config=experiments/bert_mlm.py --workdir=runs/bert
   python experiments/run.py --config=experiments/bert_mlm.py --workdir=runs/bert --mode=eval
-Measured 2026-11-30 (second session) on the 2-core CPU shared with 3 other helpers' jobs
-(load average 8-13; the run got a third of the two cores): 1000 steps of 32 x 64 tokens in
-17 min 51 s wall for 356 s of CPU (304 s user + 52 s system), so about 5 min on an idle
-machine is an estimate from the CPU time that the lead re-measures. Masked-token accuracy on
-the held-out plays (8 eval batches, 4,831 masked tokens) 0.254 at step 1000 (0.217 at step
-500) against 0.067 for the unigram baseline (always the commonest non-special training word
-piece): 3.8x; MLM loss 4.53 against the unigram distribution's 6.41. Over the whole held-out
-split (`--mode=eval`, 24,315 masked tokens): accuracy 0.260 against 0.064 (4.1x), loss 4.43
+Measured on the idle 2-core CPU (the lead, 2026-11-30 05:15 UTC): 2 min 59 s wall from start
+to exit (the 1000 steps of 32 x 64 tokens and two evaluations: "done in 177 s"; 284 s user +
+47 s system CPU); masked-token accuracy on the held-out plays (8 eval batches, 4,831 masked
+tokens) 0.258 at step 1000 (0.213 at step 500) against 0.067 for the unigram baseline (always
+the commonest non-special training word piece): 3.9x; MLM loss 4.53 against the unigram
+distribution's 6.41. Over the whole held-out split (`--mode=eval`, 24,315 masked tokens, a
+helper's run of the same config under load): accuracy 0.260 against 0.064 (4.1x), loss 4.43
 against 6.33 (before this change: 0.129 against 0.064).
 What changed from BERT's recipe, and why: rotary positions (positions="rope", as RoFormer and
 ModernBERT) instead of the learned position table, pre-LN with a final LayerNorm and lr 3e-3
