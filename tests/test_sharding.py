@@ -232,6 +232,13 @@ def eight(tmp_path_factory):
   results = {}
   for part, p in procs.items():
     log, _ = p.communicate(timeout=900)
+    if p.returncode != 0 and "Termination timeout for `all reduce" in log:
+      # XLA's CPU in-process all-reduce sometimes never gathers its 8 participants when the
+      # two workers and another pytest worker share 2 cores (2026-11-30: 2 of 3 full suite
+      # runs; never alone): a CHECK abort, not a wrong result. Run that worker again, alone.
+      again = subprocess.run(p.args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=900)
+      p, log = again, again.stdout
     assert p.returncode == 0, f"{part} worker failed:\n{log[-4000:]}"
     results[part] = json.loads((out / f"{part}.json").read_text())
   return results
