@@ -32,7 +32,7 @@ from absl import app, flags
 from kernels.bridge import on_gpu
 from ml_collections import config_flags
 
-from lm import cli, tasks, validate
+from lm import cli, layers, tasks, validate
 from lm import train as train_lib
 from lm.errors import UsageError
 from lm.model import flops_per_token
@@ -141,7 +141,8 @@ def _bench(config):
         f"({jax.default_backend()}), mesh {dict(run.mesh.shape)}")
   print(f"model       {mc.num_layers} layers, d_model {mc.d_model}, "
         f"attention {mc.attention_impl}, dtype {mc.dtype}, "
-        f"{'scanned' if mc.scan_layers else 'looped'} layers, remat {mc.remat}; "
+        f"{'scanned' if mc.scan_layers else 'looped'} layers, remat "
+        f"{layers.remat_name(mc.remat, mc.num_layers)}; "
         f"batch {tc.batch_size} x seq {config.data.seq_len} (grad_accum {tc.grad_accum})")
   print(f"init        {init_s:.1f} s; first step (compile) {compile_s:.1f} s; "
         f"state {n:,} numbers")

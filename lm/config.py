@@ -66,17 +66,19 @@ def _model() -> ml_collections.ConfigDict:
   model.pooler = False  # encoder: dense + tanh on [CLS] (implied by num_classes > 0)
   model.scan_layers = True  # layers as one lax.scan over stacked parameters (compile time flat
   # in depth); False: a Python loop over per-layer parameters. Checkpoints load either way.
-  # What each layer keeps for the backward pass: none | full | dots_saveable (matmul outputs;
-  # the rest is recomputed) | dots_with_no_batch_dims_saveable | nothing_saveable |
+  # What each layer keeps for the backward pass: auto | none | full | dots_saveable (matmul
+  # outputs; the rest is recomputed) | dots_with_no_batch_dims_saveable | nothing_saveable |
   # everything_saveable. On the CPU dots_saveable is faster than none (issue 17: XLA's
-  # temporaries are paged in afresh every step, so a smaller working set beats the recompute).
-  model.remat = "dots_saveable"
+  # temporaries are paged in afresh every step, so a smaller working set beats the recompute),
+  # and full is faster still in deep stacks; auto: dots_saveable up to 16 layers, full beyond.
+  model.remat = "auto"
   # Encoder-decoder (T5, model.arch="encoder_decoder", lm.config.t5_model) only; 0 otherwise.
   model.d_kv = 0  # head width when not d_model / num_heads
   model.num_decoder_layers = 0  # 0: num_layers
   model.relative_buckets = 0  # T5's relative position bias: 32 buckets
   model.relative_max_distance = 0  # ... reaching 128 tokens
   model.decoder_start_id = 0  # the token the decoder starts from (T5: pad, 0)
+  model.relative_bias_init = 0.0  # std of the relative bias tables at init (0: T5's d_model^-0.5)
   return model
 
 def _data() -> ml_collections.ConfigDict:
@@ -111,6 +113,9 @@ def _train() -> ml_collections.ConfigDict:
   train.checkpoint_every = 1000
   train.keep_checkpoints = 3
   train.init_from = ""  # a workdir or converted checkpoint to fine-tune from
+  # Learning-rate multiplier of the relative position bias tables (T5): scalars in units of
+  # attention logits, which AdamW moves by ~lr a step (experiments/t5_restore.py uses 30).
+  train.relative_bias_lr = 1.0
   return train
 
 def _mesh() -> ml_collections.ConfigDict:

@@ -37,14 +37,19 @@ LEGACY_DEFAULTS = {"norm_type": "layernorm", "qkv_bias": False, "rope_scaling": 
                    "arch": "decoder", "type_vocab_size": 0, "mlm_head": False, "pooler": False,
                    "scan_layers": False, "remat": "none",
                    "d_kv": 0, "num_decoder_layers": 0, "relative_buckets": 0,  # issue 15
-                   "relative_max_distance": 0, "decoder_start_id": 0}
+                   "relative_max_distance": 0, "decoder_start_id": 0, "relative_bias_init": 0.0}
 ARCHS = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("rope", "learned", "relative")  # relative: T5's bias, for encoder_decoder only
 MLPS = ("gelu", "gelu_erf", "swiglu", "relu", "gated_gelu")
 # model.remat: what a layer keeps for the backward pass ("none": everything, no recompute;
-# "full": only its input, jax's nothing_saveable; the others are jax.checkpoint_policies).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+# "full": only its input, jax's nothing_saveable; "auto": dots_saveable for a stack of up to
+# AUTO_FULL_REMAT_LAYERS layers, full for a deeper one; the others are jax.checkpoint_policies).
+REMAT_POLICIES = ("auto", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable", "everything_saveable")
+# On the CPU the matmul outputs dots_saveable keeps grow with depth and are paged in afresh
+# every step; past ~16 layers recomputing them (full) is the faster step (issue 17: 48
+# layers of base.py 510 ms with dots_saveable, 486 ms full; 6 layers 54 vs 65 ms).
+AUTO_FULL_REMAT_LAYERS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +98,13 @@ class ModelConfig:
   # d_model / num_heads (flan-t5-small: 6 heads of 64 in d_model 512); 0: d_model / num_heads.
   # num_decoder_layers: 0 = num_layers. relative_buckets / relative_max_distance: T5's relative
   # position bias (32 / 128). decoder_start_id: the token the decoder starts from (T5: pad, 0).
+  # relative_bias_init: the std of the bias tables at initialisation (0: T5's d_model^-0.5).
   d_kv: int
   num_decoder_layers: int
   relative_buckets: int
   relative_max_distance: int
   decoder_start_id: int
+  relative_bias_init: float
 
   def __post_init__(self):
     kv = self.kv_heads
@@ -143,12 +150,13 @@ class ModelConfig:
                        "at least that (T5: 32, 128)")
     if not t5:
       for name in ("d_kv", "num_decoder_layers", "relative_buckets", "relative_max_distance",
-                   "decoder_start_id"):
+                   "decoder_start_id", "relative_bias_init"):
         if getattr(self, name):
           raise ValueError(f"model.{name}={getattr(self, name)!r} is for "
                            f"model.arch='encoder_decoder' (this model is a {self.arch})")
-    if min(self.d_kv, self.num_decoder_layers, self.decoder_start_id) < 0:
-      raise ValueError("model.d_kv, num_decoder_layers and decoder_start_id must be >= 0")
+    if min(self.d_kv, self.num_decoder_layers, self.decoder_start_id, self.relative_bias_init) < 0:
+      raise ValueError("model.d_kv, num_decoder_layers, decoder_start_id and relative_bias_init "
+                       "must be >= 0")
     parse_rope_scaling(self.rope_scaling)
 
   @property
@@ -316,12 +324,19 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
 class RelativePositionBias(nnx.Module):
   """T5's relative position bias: a learned scalar per (bucket, head), added to the attention
   scores. One per stack, computed once and shared by all its layers (T5 keeps it in layer 0).
-  Bidirectional buckets for an encoder, causal ones for a decoder (relative_position_bucket)."""
+  Bidirectional buckets for an encoder, causal ones for a decoder (relative_position_bucket).
+
+  Initialised with std cfg.relative_bias_init, or T5's d_model^-0.5 (0.09 at d_model 128)
+  when that is 0. From scratch at a small budget T5's std is too small: a copy task needs
+  heads that look at fixed offsets (the previous token: a bias of several units), which a
+  table of near-equal biases reaches only after thousands of AdamW steps (train.
+  relative_bias_lr; measured in BUILD_NOTES.md, "T5 encoder-decoders")."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, bidirectional: bool):
     self.bidirectional = bidirectional
     self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
-    self.embedding = param(rngs, normal(cfg.d_model ** -0.5), (cfg.relative_buckets,
+    std = cfg.relative_bias_init or cfg.d_model ** -0.5
+    self.embedding = param(rngs, normal(std), (cfg.relative_buckets,
                                                                cfg.num_heads), (None, "heads"))
 
   def __call__(self, q_times, k_times):
@@ -541,10 +556,19 @@ def layer_modules(blocks) -> list:
   return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
 
 
-def remat_policy(name: str):
-  """jax.checkpoint's policy for a model.remat name; None for "none" (no rematerialisation)."""
+def remat_name(name: str, num_layers: int) -> str:
+  """The policy a model.remat name means in a stack of num_layers layers ("auto" resolved)."""
   if name not in REMAT_POLICIES:
     raise ValueError(f"model.remat={name!r} is not one of {REMAT_POLICIES}")
+  if name == "auto":
+    return "full" if num_layers > AUTO_FULL_REMAT_LAYERS else "dots_saveable"
+  return name
+
+
+def remat_policy(name: str, num_layers: int = 1):
+  """jax.checkpoint's policy for a model.remat name in a stack of num_layers layers; None for
+  "none" (no rematerialisation)."""
+  name = remat_name(name, num_layers)
   if name == "none":
     return None
   return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "full" else name)
@@ -576,7 +600,7 @@ def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=N
     return nnx.merge(graphdef, state)(x, positions, segment_ids, layer_cache, cache_index,
                                       layer_rngs, **shared)
 
-  policy = remat_policy(cfg.remat)
+  policy = remat_policy(cfg.remat, n)
   if policy is not None:
     layer = jax.checkpoint(layer, policy=policy, static_argnums=(0,), prevent_cse=not stacked)
   if stacked:

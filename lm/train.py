@@ -45,7 +45,7 @@ def decays_weight(path) -> bool:
   Decided by the parameter's own name, the last string key of the path (nnx's trailing
   `.value` skipped); raises ValueError for a name in neither DECAYED nor NOT_DECAYED.
   """
-  names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+  names = _names(path)
   name = next(n for n in reversed(names) if isinstance(n, str) and n != "value")
   if name in DECAYED:
     return True
@@ -71,17 +71,30 @@ def lr_schedule(train_cfg) -> optax.Schedule:
   return schedule
 
 
+def _names(path) -> list:
+  return [getattr(k, "key", getattr(k, "name", k)) for k in path]
+
+
 def make_optimizer(train_cfg):
   """(AdamW with lr_schedule and global-norm clipping, the schedule); weight decay only on the
-  parameters decays_weight names (dense matrices and embeddings, not norms or biases)."""
+  parameters decays_weight names (dense matrices and embeddings, not norms or biases).
+
+  train.relative_bias_lr != 1 multiplies the updates of T5's relative position bias tables
+  (parameters under a `rel_bias` module): AdamW moves each parameter by about lr a step
+  whatever its scale, and these are attention logits that must reach several units.
+  """
   schedule = lr_schedule(train_cfg)
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: decays_weight(path), params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.adam_eps,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
-  return tx, schedule
+  parts = [optax.clip_by_global_norm(train_cfg.grad_clip),
+           optax.adamw(schedule, b1=train_cfg.beta1, b2=train_cfg.beta2, eps=train_cfg.adam_eps,
+                       weight_decay=train_cfg.weight_decay, mask=decay_mask)]
+  bias_lr = train_cfg.get("relative_bias_lr", 1.0)
+  if bias_lr != 1.0:  # (no state: checkpoints resume whatever the value)
+    bias_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "rel_bias" in _names(path), params)
+    parts.append(optax.masked(optax.scale(bias_lr), bias_mask))
+  return optax.chain(*parts), schedule
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ TASKS = tuple(NAMES)  # the objectives of lm/tasks/
 ATTENTION_IMPLS = ("xla", "cudnn", "triton", "triton_softmax", "auto")  # = attention.IMPLS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+REMAT_POLICIES = ("auto", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable", "everything_saveable")  # = lm.layers.REMAT_POLICIES
 
 
@@ -98,6 +98,7 @@ FIELDS = (
     ("model.relative_buckets", int, NONNEG),
     ("model.relative_max_distance", int, NONNEG),
     ("model.decoder_start_id", int, NONNEG),
+    ("model.relative_bias_init", float, ((lambda v: _finite(v) and v >= 0), ">= 0 (finite)")),
     ("data.path", str, _ANY),
     ("data.tokenizer", str, (_tokenizer, "one of char, byte, bpe, wordpiece or the path of a "
                                          "tokenizer.json (or of its directory)")),
@@ -125,6 +126,7 @@ FIELDS = (
     ("train.checkpoint_every", int, POS),
     ("train.keep_checkpoints", int, POS),
     ("train.init_from", str, _ANY),
+    ("train.relative_bias_lr", float, _positive()),
     ("mesh.data", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
     ("mesh.fsdp", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
     ("mesh.tensor", int, ((lambda v: v == -1 or v >= 1), "-1 (the remaining devices) or >= 1")),
@@ -164,6 +166,7 @@ OPTIONAL = {"sample.stop_token", "sample.num_beams", "sample.length_penalty",
             "model.scan_layers", "model.remat",  # absent before issue 17
             "model.d_kv", "model.num_decoder_layers", "model.relative_buckets",  # issue 15
             "model.relative_max_distance", "model.decoder_start_id",
+            "model.relative_bias_init", "train.relative_bias_lr",
             "seq2seq.input_field", "seq2seq.target_field", "seq2seq.max_target_len",
             "seq2seq.eval_generate", "seq2seq.length_buckets", "seq2seq.max_chars",
             "span_corruption.noise_density",

@@ -69,6 +69,7 @@ def loss_and_grads(model, dropout_key=None):
 @pytest.mark.parametrize("overrides,remat", [
     ({}, "none"),
     ({}, "full"),
+    ({}, "auto"),
     (dict(use_bias=True, mlp="gelu", positions="learned", tie_embeddings=False), "dots_saveable"),
     (dict(num_kv_heads=2, norm="post", norm_type="rmsnorm"), "dots_with_no_batch_dims_saveable"),
 ])
@@ -154,7 +155,7 @@ def test_checkpoints_restore_into_the_other_layout(tmp_path, saved_scan, restore
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.remat", "dots", "model.remat='dots': expected one of none, full, dots_saveable"),
+    ("model.remat", "dots", "model.remat='dots': expected one of auto, none, full, dots_saveable"),
     ("model.scan_layers", 1, "model.scan_layers=1: expected true or false"),
 ])
 def test_bad_scan_and_remat_settings_are_one_clear_error(field, value, message):
@@ -169,3 +170,7 @@ def test_bad_scan_and_remat_settings_are_one_clear_error(field, value, message):
 def test_remat_names_are_the_layers_names():
   assert validate.REMAT_POLICIES == layers.REMAT_POLICIES
   assert all(layers.remat_policy(n) is not None for n in layers.REMAT_POLICIES if n != "none")
+  # auto: the saved matmul outputs of a shallow stack, only the layer inputs of a deep one
+  deep = layers.AUTO_FULL_REMAT_LAYERS + 1
+  assert [layers.remat_name("auto", n) for n in (1, deep - 1, deep)] == [
+      "dots_saveable", "dots_saveable", "full"]

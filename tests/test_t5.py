@@ -133,3 +133,83 @@ def test_config_errors():
     ModelConfig.from_config({**base_config().model, "num_decoder_layers": 2}, VOCAB)
   cfg = ModelConfig.from_config({**base, "d_kv": 16, "num_heads": 6}, VOCAB)
   assert cfg.head_dim == 16 and dataclasses.replace(cfg).decoder_layers == cfg.num_layers
+
+
+def test_relative_bias_init_and_learning_rate():
+  """model.relative_bias_init sets the std of both bias tables (0: T5's d_model^-0.5), and
+  train.relative_bias_lr multiplies their first AdamW update and no other parameter's
+  (float64 oracle: the first update is lr_0 * g / (|g| + eps)). Without the multiplier (old
+  code) the tables moved by lr_0 like every other parameter (checked)."""
+  from lm import train
+  tables = lambda m: np.concatenate([np.ravel(m.encoder.rel_bias.embedding[...]),
+                                     np.ravel(m.decoder.rel_bias.embedding[...])])
+  assert 0.12 < np.std(tables(make())) < 0.24  # 32 ** -0.5 = 0.177, 256 draws
+  assert 2.1 < np.std(tables(make(relative_bias_init=2.5))) < 2.9
+  params = nnx.to_pure_dict(nnx.state(make(), nnx.Param))
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  tcfg = base_config().train
+  tcfg.update(dict(relative_bias_lr=30.0, weight_decay=0.0, grad_clip=1e9, warmup_steps=4))
+  tx, _ = train.make_optimizer(tcfg)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr0 = tcfg.learning_rate / 5
+  scaled = 0
+  for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(updates)):
+    factor = 30.0 if "rel_bias" in jax.tree_util.keystr(path) else 1.0
+    scaled += factor != 1.0
+    g = np.float64(g)
+    np.testing.assert_allclose(u, -lr0 * factor * g / (np.abs(g) + 1e-8), rtol=1e-5, atol=1e-9,
+                               err_msg=jax.tree_util.keystr(path))
+  assert scaled == 2  # the encoder's table and the decoder's
+
+
+def test_constrained_restoration_is_greedy_among_the_spelling_tokens():
+  """seq2seq.restore_texts (the restoration task's decoding): each token is the model's argmax
+  among the tokens that keep the output spelling the input: punctuation anywhere, the next
+  input character in either case, any whitespace for an input space, EOS once all is spelled.
+  Oracle: those rules on decoded strings, by repeated full forward passes. Checked to fail
+  when the pointer is not advanced past a space (the oracle then allows other letters)."""
+  import unicodedata
+  from lm.tasks import seq2seq as s2s
+  from lm.tokenizers import CharTokenizer
+  tok = CharTokenizer("abc ,.!\nABC", specials=s2s.char_specials())
+  sp = s2s.specials_of(tok)
+  texts = ["ab c", "cab ba c", "a"]
+  ex = s2s.encode_pairs(tok, sp, s2s.Pairs(texts, texts), 10, 10)
+  n, spelled = 12, 0
+  for seed in range(3):
+    model = make(vocab_size=tok.vocab_size, seed=seed, decoder_start_id=sp.pad)  # as the task
+    # Punctuation logits 0: a random model then spells (a letter of logit > 0) about half the
+    # time, instead of mostly choosing among a dozen punctuation tokens.
+    punct = [v for v in range(256) if unicodedata.category(chr(v)).startswith("P")]
+    punct += [tok.index[c] for c in ",.!"]
+    model.head[...] = model.head[...].at[:, np.array(punct)].set(0.0)
+    got = s2s.restore_texts(model, tok, sp, ex, batch_size=2, max_new_tokens=n)
+    for text, row, out in zip(texts, ex.inputs, got):
+      dec, pos, want = [sp.pad], 0, []
+      while len(want) < n:
+        padded = jnp.asarray([dec + [sp.pad] * (n + 1 - len(dec))])
+        logits = np.asarray(forward(model, jnp.asarray(row[None]), padded,
+                                    jnp.asarray((row != sp.pad)[None], jnp.int32)))
+        logits = logits[0, len(dec) - 1]
+
+        def allowed(v):
+          if v == sp.eos:
+            return pos == len(text)
+          s = tok.decode([v]) if v != sp.pad else ""
+          if len(s) != 1:
+            return False
+          if unicodedata.category(s).startswith("P"):
+            return True
+          return pos < len(text) and (s.isspace() if text[pos] == " " else s.lower() == text[pos])
+        v = max((v for v in range(tok.vocab_size) if allowed(v)), key=lambda v: logits[v])
+        if v == sp.eos:
+          break
+        pos += not unicodedata.category(tok.decode([v])).startswith("P")
+        want.append(v)
+        dec.append(v)
+      assert out == tok.decode(want), (seed, text)
+      stripped = s2s.strip_for_restoration(out)
+      assert text.replace(" ", "").startswith(stripped.replace(" ", ""))
+      spelled += stripped == text
+  assert spelled >= 3  # inputs spelled to the end (EOS), spaces included

@@ -28,7 +28,9 @@ an epoch, the same batches after a resume.
 Metrics: teacher-forced cross-entropy and per-token accuracy (training and every evaluation);
 from greedy generation (lm.sample.generate, stopping at EOS): character error rate
 (Levenshtein edit distance over target characters, summed over the corpus) and exact match,
-beside the copy baseline (output = input), which a model must beat. Generation runs over every
+beside the copy baseline (output = input), which a model must beat; for the embedded
+restoration task also from greedy decoding constrained to spell the input (restore_texts: the
+model chooses case, punctuation and line breaks, not the letters). Generation runs over every
 validation pair in --mode=eval, and over the first seq2seq.eval_generate (0: none) pairs at the
 evaluations during training (it costs a compile and a decode loop).
 Config: experiments/t5_restore.py.
@@ -38,8 +40,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import unicodedata
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -317,24 +321,103 @@ def teacher_forced(run, state, examples: Examples, specials: Specials,
           "val_tokens": int(totals[2])}
 
 
-def generate_texts(model, tokenizer, specials: Specials, examples: Examples, batch_size: int,
-                   max_new_tokens: int) -> list[str]:
-  """Greedy outputs for every input row, decoded (up to EOS). Batches of batch_size prompts
-  padded to the rows' full width, the last one filled with copies, so it compiles once; the
-  rows go shortest first, so a batch's rows end at about the same step."""
-  from lm import sample as sample_lib
-  prompts = [row[row != specials.pad] for row in examples.inputs]
-  order = np.argsort([len(p) for p in prompts], kind="stable")
-  out = [""] * len(prompts)
+def _in_batches(examples: Examples, specials: Specials, batch_size: int, decode) -> list:
+  """decode(rows [batch_size, S]) -> one token sequence per row, over every input row in
+  batches of batch_size (the last one filled with copies, so it compiles once), shortest rows
+  first so that a batch's rows end at about the same step; the sequences in row order."""
+  order = np.argsort((examples.inputs != specials.pad).sum(1), kind="stable")
+  out = [None] * len(order)
   for i in range(0, len(order), batch_size):
     chunk = list(order[i:i + batch_size])
     chunk += [chunk[-1]] * (batch_size - len(chunk))
-    seqs = sample_lib.generate(model, [prompts[j] for j in chunk], temperature=0.0,
-                               max_new_tokens=max_new_tokens, stop_token=specials.eos,
-                               pad_to=examples.inputs.shape[1])
-    for j, seq in zip(chunk, seqs):
-      out[j] = tokenizer.decode(seq[0])
+    for j, seq in zip(chunk, decode(examples.inputs[chunk])):
+      out[j] = seq
   return out
+
+
+def generate_texts(model, tokenizer, specials: Specials, examples: Examples, batch_size: int,
+                   max_new_tokens: int) -> list[str]:
+  """Greedy outputs for every input row, decoded (up to EOS)."""
+  from lm import sample as sample_lib
+
+  def decode(rows):
+    seqs = sample_lib.generate(model, [row[row != specials.pad] for row in rows],
+                               temperature=0.0, max_new_tokens=max_new_tokens,
+                               stop_token=specials.eos, pad_to=rows.shape[1])
+    return [seq[0] for seq in seqs]
+  return [tokenizer.decode(seq) for seq in _in_batches(examples, specials, batch_size, decode)]
+
+
+# --- restoration decoding: the output spells the input ------------------------------------------
+
+PUNCT, SPACE, CHAR = 1, 2, 3  # restoration_tables' kinds (0: a token never emitted)
+
+
+def restoration_tables(tokenizer, specials: Specials) -> tuple[np.ndarray, np.ndarray]:
+  """(kind [V], key [V]) int32 over the vocabulary, for restore_texts: tokens of one
+  punctuation character (Unicode P*) are PUNCT; a whitespace character is SPACE and a
+  character whose lower case is one token is CHAR, each keyed by the input token it spells
+  (the space, or the lower-case character); anything else is 0."""
+  v = tokenizer.vocab_size
+  kind, key = np.zeros(v, np.int32), np.full(v, -1, np.int32)
+  space = tokenizer.encode(" ")
+  for i in range(v):
+    if i in (specials.pad, specials.eos):
+      continue
+    ch = tokenizer.decode([i])
+    if len(ch) != 1:
+      continue
+    lower = space if ch.isspace() else tokenizer.encode(ch.lower())
+    if unicodedata.category(ch).startswith("P"):
+      kind[i] = PUNCT
+    elif len(lower) == 1:
+      kind[i], key[i] = (SPACE if ch.isspace() else CHAR), lower[0]
+  return kind, key
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _restore(graphdef, state, inputs, max_new_tokens, valid, kind, key, eos):
+  from lm import sample as sample_lib
+  model = nnx.merge(graphdef, state)
+  b, s = inputs.shape
+  logits, cache, step = sample_lib._start(model, inputs, valid, max_new_tokens)
+  allowed_punct = kind == PUNCT
+
+  def body(carry):
+    i, logits, cache, out, ptr, done = carry
+    nxt = jnp.take_along_axis(inputs, ptr[:, None], 1)  # [B, 1]: the next input token to spell
+    allowed = (allowed_punct[None] | ((kind[None] > PUNCT) & (key[None] == nxt))
+               | ((jnp.arange(kind.shape[0])[None] == eos) & (nxt == eos)))
+    tok = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), -1).astype(jnp.int32)
+    tok = jnp.where(done, eos, tok)
+    done = done | (tok == eos)
+    ptr = jnp.minimum(ptr + (kind[tok] > PUNCT), s - 1)
+    logits, cache = step(tok, cache, i)
+    return i + 1, logits, cache, out.at[:, i].set(tok), ptr, done
+
+  carry = (0, logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros(b, jnp.int32),
+           jnp.zeros(b, bool))
+  return jax.lax.while_loop(lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[5]), body, carry)[3]
+
+
+def restore_texts(model, tokenizer, specials: Specials, examples: Examples, batch_size: int,
+                  max_new_tokens: int) -> list[str]:
+  """Greedy outputs constrained to spell their input, for the restoration task: at each step
+  the model's most likely token among those that keep the output equal to the input up to
+  case, punctuation and whitespace (the input's next character in either case, or a line
+  break or space for its next space, or any punctuation; EOS once the input is spelled).
+  This is how a tagger restores punctuation (it cannot change the words); the free greedy
+  output (generate_texts) shows how well the model copies on its own."""
+  from lm import sample as sample_lib
+  kind, key = (jnp.asarray(t) for t in restoration_tables(tokenizer, specials))
+  graphdef, state = nnx.split(model)
+
+  def decode(rows):
+    out = _restore(graphdef, state, jnp.asarray(rows), max_new_tokens,
+                   jnp.asarray(rows != specials.pad, jnp.int32), kind, key,
+                   jnp.int32(specials.eos))
+    return [sample_lib._cut(seq, specials.eos) for seq in np.asarray(out)]
+  return [tokenizer.decode(seq) for seq in _in_batches(examples, specials, batch_size, decode)]
 
 
 def generation_metrics(predictions: list[str], pairs: Pairs) -> dict:
@@ -356,6 +439,9 @@ def describe(result: dict) -> str:
     line += (f" | CER {result['cer']:.4f} (copy baseline {result['copy_cer']:.4f}) | exact "
              f"match {result['exact_match']:.4f} (copy {result['copy_exact_match']:.4f}) over "
              f"{result['generated_pairs']} pairs")
+  if "cer_constrained" in result:
+    line += (f" | constrained to spell the input: CER {result['cer_constrained']:.4f}, exact "
+             f"match {result['exact_match_constrained']:.4f}")
   return line
 
 
@@ -370,6 +456,7 @@ class Data:
   val_pairs: Pairs  # the validation texts, in the order of `val`
   train_fill: np.ndarray  # fill(train): the length buckets of the training batches
   generate_all: bool = False  # --mode=eval: generation metrics over every validation pair
+  restoration: bool = False  # the embedded restoration pairs: also restore_texts' metrics
 
 
 def options(config) -> dict:
@@ -420,6 +507,7 @@ class Seq2Seq(runtime.Task):
     train, val = load_pairs(config)
     tokenizer = tokenizer or task_tokenizer(config, train.targets + train.inputs)
     config, data = self._encode(config, tokenizer, train, val)
+    data.restoration = not config.data.path
     logging.info("seq2seq: %d training pairs, %d validation pairs; vocabulary %d, start token %d",
                  len(data.train.inputs), len(data.val.inputs), tokenizer.vocab_size,
                  data.specials.pad)
@@ -428,7 +516,8 @@ class Seq2Seq(runtime.Task):
   def eval_data(self, config, tokenizer, data_path):
     check_model(config, self.name)
     train, val = load_pairs(config, data_path)
-    return dataclasses.replace(self._encode(config, tokenizer, train, val)[1], generate_all=True)
+    return dataclasses.replace(self._encode(config, tokenizer, train, val)[1], generate_all=True,
+                               restoration=not (data_path or config.data.path))
 
   @staticmethod
   def _encode(config, tokenizer, train: Pairs, val: Pairs):
@@ -459,9 +548,13 @@ class Seq2Seq(runtime.Task):
     if n:
       val = Examples(data.val.inputs[:n], data.val.targets[:n])
       model = nnx.merge(run.graphdef, state)[0]
-      texts = generate_texts(model, data.tokenizer, data.specials, val,
-                             run.config.train.eval_batch_size, val.targets.shape[1])
-      result.update(generation_metrics(texts, data.val_pairs))
+      args = (model, data.tokenizer, data.specials, val, run.config.train.eval_batch_size,
+              val.targets.shape[1])
+      result.update(generation_metrics(generate_texts(*args), data.val_pairs))
+      if data.restoration:
+        restored = generation_metrics(restore_texts(*args), data.val_pairs)
+        result.update(cer_constrained=restored["cer"],
+                      exact_match_constrained=restored["exact_match"])
     return result
 
   def describe(self, result):
