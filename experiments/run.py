@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -385,11 +385,7 @@ EOS = "</s>"  # T5's end-of-sequence token: a char tokenizer's special, or a con
 def eos_of(tokenizer) -> int | None:
   """The id of `tokenizer`'s EOS (a special of a char tokenizer, or a token of a Hugging Face
   tokenizer.json), None if it has none."""
-  ids = tokenizers.special_ids(tokenizer)
-  if EOS in ids:
-    return ids[EOS]
-  hf = getattr(tokenizer, "tok", None)
-  return None if hf is None else hf.token_to_id(EOS)
+  return tokenizers.token_id(tokenizer, EOS)
 
 
 def sample_text(model, tokenizer, sample_cfg, prompt: str | None = None) -> list[str]:

@@ -101,6 +101,16 @@ def special_ids(tok) -> dict[str, int]:
   return dict(getattr(tok, "special_ids", {}))
 
 
+def token_id(tok, name: str) -> int | None:
+  """The id of the token `name` (e.g. T5's "</s>"): a special of a char tokenizer, or a token
+  of a Hugging Face tokenizer.json; None if the tokenizer has no such token."""
+  ids = special_ids(tok)
+  if name in ids:
+    return ids[name]
+  hf = getattr(tok, "tok", None)
+  return None if hf is None else hf.token_to_id(name)
+
+
 class CharTokenizer:
   kind = "char"
 

@@ -159,22 +159,14 @@ class Specials:
   num_sentinels: int  # <extra_id_i> = first_sentinel - i for i < num_sentinels
 
 
-def _token_id(tokenizer, name: str) -> int | None:
-  ids = tokenizers.special_ids(tokenizer)  # a char tokenizer's specials
-  if name in ids:
-    return ids[name]
-  hf = getattr(tokenizer, "tok", None)  # a Hugging Face tokenizer (a converted T5's)
-  return None if hf is None else hf.token_to_id(name)
-
-
 def specials_of(tokenizer) -> Specials:
   """The tokenizer's <pad>, </s> and sentinels; UsageError if it lacks <pad> or </s>."""
-  pad, eos = _token_id(tokenizer, PAD), _token_id(tokenizer, EOS)
+  pad, eos = tokenizers.token_id(tokenizer, PAD), tokenizers.token_id(tokenizer, EOS)
   if pad is None or eos is None:
     raise UsageError(f"an encoder-decoder task needs a tokenizer with {PAD} and {EOS}; this "
                      f"{tokenizer.kind} tokenizer lacks them (use data.tokenizer=char)")
-  first, n = _token_id(tokenizer, sentinel(0)), 0
-  while first is not None and _token_id(tokenizer, sentinel(n)) == first - n:
+  first, n = tokenizers.token_id(tokenizer, sentinel(0)), 0
+  while first is not None and tokenizers.token_id(tokenizer, sentinel(n)) == first - n:
     n += 1
   return Specials(pad, eos, -1 if first is None else first, n)
 
