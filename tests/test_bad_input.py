@@ -41,18 +41,15 @@ def digest(directory) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
+def compilation_cache():
   """The runs here compile the same tiny programs again and again (each run_main builds new
-  jitted functions): a persistent cache for this module turns the repeats into cache hits."""
+  jitted functions): the suite's persistent cache (tests/conftest.py) keeps even the quick
+  compiles for this module, so that every repeat is a cache hit."""
   import jax
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  saved = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-    jax.config.update(k, v)
+  saved = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
 
 
 @pytest.fixture(scope="module")
