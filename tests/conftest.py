@@ -31,10 +31,11 @@ def pytest_configure(config):
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
-# Seconds per file in a full run (2026-11-30, 2-core machine, with the compilation cache):
-# relative sizes only. The files run longest first, so that the two xdist workers
-# (--dist loadfile, setup.cfg) end together instead of one of them starting a 2-minute file
-# last; files not listed follow in their usual order.
+# Rough seconds per file in a full run (2026-11-30, 2-core machine; only their order matters,
+# and it is not exact: test_no_torch.py took 70 s idle, test_benchmarks.py 110 s). Files run
+# longest first, so that the two xdist workers (--dist loadfile, setup.cfg) end together
+# instead of one of them starting a 2-minute file last; files not listed follow in their
+# usual order.
 FILE_SECONDS = {
     "test_gpu_lowering.py": 150, "test_sharding.py": 90, "test_t5_tasks.py": 90,
     "test_train.py": 90, "test_benchmarks.py": 90, "test_cli.py": 80, "test_kernels.py": 75,
