@@ -40,18 +40,6 @@ def digest(directory) -> dict:
   return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-  """The runs here compile the same tiny programs again and again (each run_main builds new
-  jitted functions): the suite's persistent cache (tests/conftest.py) keeps even the quick
-  compiles for this module, so that every repeat is a cache hit."""
-  import jax
-  saved = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("finished") / "run"
