@@ -40,21 +40,6 @@ def digest(directory) -> dict:
   return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same tiny programs again and again (each run_main builds new
-  jitted functions): a persistent cache for this module turns the repeats into cache hits."""
-  import jax
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  saved = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-    jax.config.update(k, v)
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("finished") / "run"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import ROOT, run_main, tiny_config, fake_devices
+from tests.conftest import FAKE_DEVICE_ENV, ROOT, run_main, tiny_config
 
 
 # --- the classifier under non-default mesh rules ---------------------------------------------
@@ -60,8 +60,7 @@ def test_classifier_steps_follow_the_configured_mesh_rules():
   defaults ([{"data", "fsdp"}, ...]: checked by dropping the rules from the model's graph)."""
   rules = [["batch", "fsdp"], ["vocab", "data"], ["embed", "tensor"], ["heads", "data"],
            ["kv_heads", "data"], ["heads_merged", "data"], ["mlp", "data"]]
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": fake_devices(8)}
+  env = {**os.environ, "PYTHONPATH": ROOT, **FAKE_DEVICE_ENV}
   proc = subprocess.run([sys.executable, "-c", _RULES_WORKER, json.dumps(rules)], env=env,
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
