@@ -142,7 +142,7 @@ def _bench(config):
   print(f"model       {mc.num_layers} layers, d_model {mc.d_model}, "
         f"attention {mc.attention_impl}, dtype {mc.dtype}, "
         f"{'scanned' if mc.scan_layers else 'looped'} layers, remat "
-        f"{layers.remat_name(mc.remat, mc.num_layers)}; "
+        f"{layers.remat_name(mc.remat)}; "
         f"batch {tc.batch_size} x seq {config.data.seq_len} (grad_accum {tc.grad_accum})")
   print(f"init        {init_s:.1f} s; first step (compile) {compile_s:.1f} s; "
         f"state {n:,} numbers")

@@ -68,9 +68,9 @@ def _model() -> ml_collections.ConfigDict:
   # in depth); False: a Python loop over per-layer parameters. Checkpoints load either way.
   # What each layer keeps for the backward pass: auto | none | full | dots_saveable (matmul
   # outputs; the rest is recomputed) | dots_with_no_batch_dims_saveable | nothing_saveable |
-  # everything_saveable. On the CPU dots_saveable is faster than none (issue 17: XLA's
-  # temporaries are paged in afresh every step, so a smaller working set beats the recompute),
-  # and full is faster still in deep stacks; auto: dots_saveable up to 16 layers, full beyond.
+  # everything_saveable; auto: dots_with_no_batch_dims_saveable, the fastest on the CPU at every
+  # depth measured (issue 17: XLA's temporaries are paged in afresh every step, so a smaller
+  # working set beats the recompute; lm.layers.AUTO_REMAT).
   model.remat = "auto"
   # Encoder-decoder (T5, model.arch="encoder_decoder", lm.config.t5_model) only; 0 otherwise.
   model.d_kv = 0  # head width when not d_model / num_heads

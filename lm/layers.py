@@ -42,14 +42,16 @@ ARCHS = ("decoder", "encoder", "encoder_decoder")
 POSITIONS = ("rope", "learned", "relative")  # relative: T5's bias, for encoder_decoder only
 MLPS = ("gelu", "gelu_erf", "swiglu", "relu", "gated_gelu")
 # model.remat: what a layer keeps for the backward pass ("none": everything, no recompute;
-# "full": only its input, jax's nothing_saveable; "auto": dots_saveable for a stack of up to
-# AUTO_FULL_REMAT_LAYERS layers, full for a deeper one; the others are jax.checkpoint_policies).
+# "full": only its input, jax's nothing_saveable; "auto": the measured default, AUTO_REMAT;
+# the others are jax.checkpoint_policies).
 REMAT_POLICIES = ("auto", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable", "everything_saveable")
-# On the CPU the matmul outputs dots_saveable keeps grow with depth and are paged in afresh
-# every step; past ~16 layers recomputing them (full) is the faster step (issue 17: 48
-# layers of base.py 510 ms with dots_saveable, 486 ms full; 6 layers 54 vs 65 ms).
-AUTO_FULL_REMAT_LAYERS = 16
+# Keep the dense layers' outputs, recompute the rest (attention scores and probabilities,
+# norms, activations). On the CPU the faster step at every depth measured (issue 17, base.py,
+# 3 sittings, ms: 6 layers 54.8 vs dots_saveable 57.5, full 65.3; 48 layers 466.7 vs 507.9,
+# 498.1): XLA pages its temporaries in afresh every step, so the [B, H, T, T] scores
+# dots_saveable keeps cost more than recomputing them.
+AUTO_REMAT = "dots_with_no_batch_dims_saveable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,19 +558,17 @@ def layer_modules(blocks) -> list:
   return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
 
 
-def remat_name(name: str, num_layers: int) -> str:
-  """The policy a model.remat name means in a stack of num_layers layers ("auto" resolved)."""
+def remat_name(name: str) -> str:
+  """The jax.checkpoint policy name (or "none" / "full") a model.remat name means ("auto"
+  resolved)."""
   if name not in REMAT_POLICIES:
     raise ValueError(f"model.remat={name!r} is not one of {REMAT_POLICIES}")
-  if name == "auto":
-    return "full" if num_layers > AUTO_FULL_REMAT_LAYERS else "dots_saveable"
-  return name
+  return AUTO_REMAT if name == "auto" else name
 
 
-def remat_policy(name: str, num_layers: int = 1):
-  """jax.checkpoint's policy for a model.remat name in a stack of num_layers layers; None for
-  "none" (no rematerialisation)."""
-  name = remat_name(name, num_layers)
+def remat_policy(name: str):
+  """jax.checkpoint's policy for a model.remat name; None for "none" (no rematerialisation)."""
+  name = remat_name(name)
   if name == "none":
     return None
   return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "full" else name)
@@ -600,7 +600,7 @@ def run_blocks(blocks, cfg: ModelConfig, x, positions, segment_ids=None, cache=N
     return nnx.merge(graphdef, state)(x, positions, segment_ids, layer_cache, cache_index,
                                       layer_rngs, **shared)
 
-  policy = remat_policy(cfg.remat, n)
+  policy = remat_policy(cfg.remat)
   if policy is not None:
     layer = jax.checkpoint(layer, policy=policy, static_argnums=(0,), prevent_cse=not stacked)
   if stacked:
