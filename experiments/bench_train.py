@@ -17,6 +17,10 @@ bf16 peak (--peak_tflops per device, default an H100 SXM's 989).
 --depths=6,24,48 runs the benchmark once per depth (model.num_layers), each in a fresh
 process (so compile time and peak memory are its own), and prints a table of how the numbers
 grow with depth, the step time also as a multiple of the first depth's.
+
+Measured 2026-11-30 on the 2-core CPU (AMD EPYC, idle), base.py with --depths=6,24,48 and
+the default remat (auto): step 54-58 / 235-239 / 460-478 ms, 48 layers 8.25-8.44x the 6-layer
+step; init + first step 4.6-4.8 s at 48 layers (BUILD_NOTES.md, issue 17).
 """
 
 import json
