@@ -42,6 +42,7 @@ def get_config(arg: str | None = None):
   config.seq2seq.max_target_len = 208  # targets: 200 characters at most (+ EOS)
   config.seq2seq.eval_generate = 0
   config.seq2seq.length_buckets = 4  # batches cut to 50/100/150/200 characters (see above)
+  config.seq2seq.max_chars = 200  # the speeches of the embedded task: 20..max_chars characters
   t = config.train
   t.task = "seq2seq"
   t.num_steps = 1500

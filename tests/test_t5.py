@@ -213,3 +213,68 @@ def test_constrained_restoration_is_greedy_among_the_spelling_tokens():
       assert text.replace(" ", "").startswith(stripped.replace(" ", ""))
       spelled += stripped == text
   assert spelled >= 3  # inputs spelled to the end (EOS), spaces included
+
+
+def test_constrained_beams_equal_exhaustive_search_among_spellings():
+  """seq2seq._restore with beams enough to keep every prefix (3^4 = 81; three tokens allowed a
+  step) returns exhaustive search's best output among those that spell the input, each step's
+  log-probabilities renormalised over the allowed tokens (float64 oracle over every prefix's
+  teacher-forced logits), for four length penalties. Checked to fail when a beam's allowed
+  tokens come from its pointer before the token it was extended by."""
+  import itertools
+  from lm.tasks import seq2seq as s2s
+  from lm.tokenizers import CharTokenizer
+  tok = CharTokenizer("ab ,\nAB", specials=s2s.char_specials())
+  sp = s2s.specials_of(tok)
+  ex = s2s.encode_pairs(tok, sp, s2s.Pairs(["a b"], ["a b"]), 6, 6)
+  ids = tok.index
+  # Hand-made tables (restore_texts builds them from the tokenizer, whose 256 byte tokens
+  # would make exhaustive search too large): ',' punctuation, a/A b/B letters, ' ' '\n' spaces.
+  kind, key = np.zeros(tok.vocab_size, np.int32), np.full(tok.vocab_size, -1, np.int32)
+  kind[ids[","]] = s2s.PUNCT
+  for c, k, spell in (("a", s2s.CHAR, "a"), ("A", s2s.CHAR, "a"), ("b", s2s.CHAR, "b"),
+                      ("B", s2s.CHAR, "b"), (" ", s2s.SPACE, " "), ("\n", s2s.SPACE, " ")):
+    kind[ids[c]], key[ids[c]] = k, ids[spell]
+  row, n, beams = ex.inputs[0], 5, 81
+
+  def allowed(ptr):
+    nxt = row[ptr]
+    return [v for v in range(tok.vocab_size) if kind[v] == s2s.PUNCT
+            or (kind[v] > s2s.PUNCT and key[v] == nxt) or (v == sp.eos and nxt == sp.eos)]
+
+  model = make(vocab_size=tok.vocab_size, seed=6, decoder_start_id=sp.pad)
+  graphdef, state = nnx.split(model)
+  valid = jnp.asarray((row != sp.pad)[None], jnp.int32)
+  # Every prefix of allowed tokens, no EOS inside: its next-token log-probabilities.
+  prefixes, frontier = [((), 0)], [((), 0)]
+  for _ in range(n - 1):
+    frontier = [(p + (v,), ptr + (kind[v] > s2s.PUNCT)) for p, ptr in frontier
+                for v in allowed(ptr) if v != sp.eos]
+    prefixes += frontier
+  dec = np.full((len(prefixes), n + 1), sp.pad, np.int32)
+  for r, (p, _) in enumerate(prefixes):
+    dec[r, 1:1 + len(p)] = p
+  logits = np.asarray(forward(model, jnp.asarray(np.repeat(row[None], len(prefixes), 0)),
+                              jnp.asarray(dec), jnp.repeat(valid, len(prefixes), 0)), np.float64)
+  # Each prefix's renormalised next-token log-probabilities and its own running sum.
+  logp, total = {}, {(): 0.0}
+  for r, (p, ptr) in enumerate(prefixes):
+    z, ok = logits[r, len(p)], allowed(ptr)
+    logp[p] = dict(zip(ok, z[ok] - z[ok].max() - np.log(np.exp(z[ok] - z[ok].max()).sum())))
+    for v in ok:
+      if v != sp.eos and len(p) + 1 < n:
+        total[p + (v,)] = total[p] + logp[p][v]
+  winners = set()
+  for length_penalty in (-2.0, 0.0, 1.0, 3.0):
+    # Finished: ends in EOS, or n tokens without one.
+    scores = [((total[p] + lp) / (len(p) + 1) ** length_penalty, p + (v,))
+              for p, _ in prefixes for v, lp in logp[p].items() if v == sp.eos or len(p) + 1 == n]
+    best = max(scores)[1]
+    got = s2s._restore(graphdef, state, jnp.asarray(row[None]), n, beams,
+                       jnp.float32(length_penalty), valid, jnp.asarray(kind), jnp.asarray(key),
+                       jnp.int32(sp.eos))
+    want = [v for v in best if v != sp.eos]
+    np.testing.assert_array_equal(np.asarray(got[0])[:len(want)], want)
+    assert len(want) == n or int(got[0, len(want)]) == sp.eos
+    winners.add(best)
+  assert len(winners) > 1  # the length penalty changes the winner: it is applied as specified

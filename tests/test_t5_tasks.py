@@ -227,6 +227,25 @@ def test_run_trains_evaluates_and_resumes_bit_exactly_after_sigkill(tmp_path, ca
   assert 0 <= result["cer"] and 0 <= result["exact_match"] <= 1 and result["val_tokens"] > 0
 
 
+def test_the_embedded_restoration_task_reports_constrained_decoding(tmp_path, capfd):
+  """experiments/t5_restore.py's own data (data.path ""): the evaluations also score decoding
+  constrained to spell the input (metrics.jsonl), and the end-of-run report prints that
+  output, whose letters are its input's (a prefix: a 2-step model may fill the length with
+  punctuation). Checked to fail with the report's constrained output replaced by the free
+  greedy one."""
+  over = {"data.path": "", "seq2seq.max_chars": 40, "data.seq_len": 44,
+          "seq2seq.max_target_len": 44, "train.num_steps": 2, "train.eval_every": 2,
+          "train.checkpoint_every": 2, "seq2seq.eval_generate": 4, "seq2seq.length_buckets": 1}
+  assert run_main(*tiny_args("", tmp_path / "w", **over)) == 0
+  evals = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+           if "val_loss" in line]
+  assert evals and evals[-1]["generated_pairs"] == 4 and evals[-1]["cer_constrained"] >= 0
+  report = capfd.readouterr()[0].split("--- input ---\n", 1)[1]
+  given = report.split("\n--- output ---", 1)[0]
+  spelled = report.split("--- constrained ---\n", 1)[1].split("\n--- target ---", 1)[0]
+  assert given.startswith(seq2seq.strip_for_restoration(spelled))
+
+
 @pytest.mark.slow
 def test_span_corruption_pre_training_fine_tunes_into_seq2seq(tmp_path, make_config):
   """A span-corruption run on a text file, then seq2seq with train.init_from its workdir: the

@@ -367,47 +367,58 @@ def restoration_tables(tokenizer, specials: Specials) -> tuple[np.ndarray, np.nd
   return kind, key
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _restore(graphdef, state, inputs, max_new_tokens, valid, kind, key, eos):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _restore(graphdef, state, inputs, max_new_tokens, num_beams, length_penalty, valid, kind,
+             key, eos):
+  """Beam search (lm.sample.beam_search; one beam: greedy) over the outputs that spell
+  `inputs` [B, S]: the decoder step is wrapped so that its logits allow only the tokens
+  restore_texts names, and the beams carry their pointer into the input with the cache."""
   from lm import sample as sample_lib
   model = nnx.merge(graphdef, state)
-  b, s = inputs.shape
-  logits, cache, step = sample_lib._start(model, inputs, valid, max_new_tokens)
-  allowed_punct = kind == PUNCT
+  s = inputs.shape[1]
+  logits, cache, step = sample_lib._start(model, inputs, valid, max_new_tokens, repeat=num_beams)
+  vocab = jnp.arange(kind.shape[0])[None]
 
-  def body(carry):
-    i, logits, cache, out, ptr, done = carry
-    nxt = jnp.take_along_axis(inputs, ptr[:, None], 1)  # [B, 1]: the next input token to spell
-    allowed = (allowed_punct[None] | ((kind[None] > PUNCT) & (key[None] == nxt))
-               | ((jnp.arange(kind.shape[0])[None] == eos) & (nxt == eos)))
-    tok = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), -1).astype(jnp.int32)
-    tok = jnp.where(done, eos, tok)
-    done = done | (tok == eos)
-    ptr = jnp.minimum(ptr + (kind[tok] > PUNCT), s - 1)
+  def constrain(logits, ptr, rows):  # [N, V], [N], [N, S]: -inf where the output would not spell
+    nxt = jnp.take_along_axis(rows, ptr[:, None], 1)  # [N, 1]: the next input token to spell
+    allowed = ((kind[None] == PUNCT) | ((kind[None] > PUNCT) & (key[None] == nxt))
+               | ((vocab == eos) & (nxt == eos)))
+    return jnp.where(allowed, logits, -jnp.inf)
+
+  def spelling_step(tok, carry, i):
+    cache, ptr, rows = carry
+    ptr = jnp.minimum(ptr + (kind[tok] > PUNCT), s - 1)  # punctuation spells nothing
     logits, cache = step(tok, cache, i)
-    return i + 1, logits, cache, out.at[:, i].set(tok), ptr, done
+    return constrain(logits, ptr, rows), (cache, ptr, rows)
 
-  carry = (0, logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros(b, jnp.int32),
-           jnp.zeros(b, bool))
-  return jax.lax.while_loop(lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[5]), body, carry)[3]
+  ptr = jnp.zeros(inputs.shape[0], jnp.int32)
+  beams = sample_lib.beam_search(spelling_step, constrain(logits, ptr, inputs),
+                                 (cache, ptr, inputs), num_beams=num_beams,
+                                 max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                 early_stopping=True, stop_token=eos)
+  return beams.tokens[:, 0]
 
 
 def restore_texts(model, tokenizer, specials: Specials, examples: Examples, batch_size: int,
-                  max_new_tokens: int) -> list[str]:
-  """Greedy outputs constrained to spell their input, for the restoration task: at each step
-  the model's most likely token among those that keep the output equal to the input up to
-  case, punctuation and whitespace (the input's next character in either case, or a line
-  break or space for its next space, or any punctuation; EOS once the input is spelled).
-  This is how a tagger restores punctuation (it cannot change the words); the free greedy
-  output (generate_texts) shows how well the model copies on its own."""
+                  max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0
+                  ) -> list[str]:
+  """Outputs constrained to spell their input, for the restoration task: at each step only
+  the tokens that keep the output equal to the input up to case, punctuation and whitespace
+  are allowed (the input's next character in either case, or a line break or space for its
+  next space, or any punctuation; EOS once the input is spelled); one beam is greedy among
+  them, more run lm.sample.beam_search (Hugging Face's rules; a hypothesis's score is its sum
+  of log-probabilities renormalised over the allowed tokens, / length ** length_penalty).
+  This is how a tagger restores punctuation (it cannot change the words), and Hugging Face's
+  prefix_allowed_tokens_fn; the free greedy output (generate_texts) shows how well the model
+  copies on its own."""
   from lm import sample as sample_lib
   kind, key = (jnp.asarray(t) for t in restoration_tables(tokenizer, specials))
   graphdef, state = nnx.split(model)
 
   def decode(rows):
-    out = _restore(graphdef, state, jnp.asarray(rows), max_new_tokens,
-                   jnp.asarray(rows != specials.pad, jnp.int32), kind, key,
-                   jnp.int32(specials.eos))
+    out = _restore(graphdef, state, jnp.asarray(rows), max_new_tokens, num_beams,
+                   jnp.float32(length_penalty), jnp.asarray(rows != specials.pad, jnp.int32),
+                   kind, key, jnp.int32(specials.eos))
     return [sample_lib._cut(seq, specials.eos) for seq in np.asarray(out)]
   return [tokenizer.decode(seq) for seq in _in_batches(examples, specials, batch_size, decode)]
 
@@ -498,8 +509,7 @@ class Seq2Seq(runtime.Task):
     check_model(config, self.name)
     train, val = load_pairs(config)
     tokenizer = tokenizer or task_tokenizer(config, train.targets + train.inputs)
-    config, data = self._encode(config, tokenizer, train, val)
-    data.restoration = not config.data.path
+    config, data = self._encode(config, tokenizer, train, val, restoration=not config.data.path)
     logging.info("seq2seq: %d training pairs, %d validation pairs; vocabulary %d, start token %d",
                  len(data.train.inputs), len(data.val.inputs), tokenizer.vocab_size,
                  data.specials.pad)
@@ -508,11 +518,12 @@ class Seq2Seq(runtime.Task):
   def eval_data(self, config, tokenizer, data_path):
     check_model(config, self.name)
     train, val = load_pairs(config, data_path)
-    return dataclasses.replace(self._encode(config, tokenizer, train, val)[1], generate_all=True,
-                               restoration=not (data_path or config.data.path))
+    restoration = not (data_path or config.data.path)
+    return dataclasses.replace(self._encode(config, tokenizer, train, val, restoration)[1],
+                               generate_all=True)
 
   @staticmethod
-  def _encode(config, tokenizer, train: Pairs, val: Pairs):
+  def _encode(config, tokenizer, train: Pairs, val: Pairs, restoration: bool):
     specials = specials_of(tokenizer)
     config = with_start_token(config, specials)
     lengths = config.data.seq_len, options(config)["max_target_len"]
@@ -520,7 +531,7 @@ class Seq2Seq(runtime.Task):
     train = encode_pairs(tokenizer, specials, train, *lengths)
     return config, Data(tokenizer, specials, train,
                         encode_pairs(tokenizer, specials, val, *lengths), val,
-                        fill(train, specials))
+                        fill(train, specials), restoration=restoration)
 
   def batch(self, data: Data, config, step):
     idx, part = bucketed_indices(data.train_fill, seed=config.seed, step=step,
@@ -553,17 +564,21 @@ class Seq2Seq(runtime.Task):
     return describe(result)
 
   def report(self, run, state, tokenizer, data: Data):
-    """config.sample.num_samples validation pairs with the model's greedy output, on stdout."""
+    """config.sample.num_samples validation pairs with the model's greedy output (and on the
+    restoration task its output constrained to spell the input), on stdout."""
     n = min(run.config.sample.num_samples, len(data.val.inputs))
     if not n:
       return
     val = Examples(data.val.inputs[:n], data.val.targets[:n])
     model = nnx.merge(run.graphdef, state)[0]
-    texts = generate_texts(model, tokenizer, data.specials, val,
-                           run.config.train.eval_batch_size, val.targets.shape[1])
-    for i, text in enumerate(texts):
-      print(f"--- input ---\n{data.val_pairs.inputs[i]}\n--- output ---\n{text}\n--- target ---\n"
-            f"{data.val_pairs.targets[i]}", flush=True)
+    args = (model, tokenizer, data.specials, val, run.config.train.eval_batch_size,
+            val.targets.shape[1])
+    texts = generate_texts(*args)
+    restored = restore_texts(*args) if data.restoration else [None] * n
+    for i, (text, spelled) in enumerate(zip(texts, restored)):
+      constrained = "" if spelled is None else f"--- constrained ---\n{spelled}\n"
+      print(f"--- input ---\n{data.val_pairs.inputs[i]}\n--- output ---\n{text}\n{constrained}"
+            f"--- target ---\n{data.val_pairs.targets[i]}", flush=True)
 
 
 TASK = Seq2Seq()
