@@ -21,6 +21,7 @@ T5 = {"model.arch": "encoder_decoder", "model.positions": "relative", "model.nor
       "model.norm_type": "rmsnorm", "model.mlp": "gated_gelu", "model.tie_embeddings": False,
       "model.relative_buckets": 8, "model.relative_max_distance": 16, "model.ln_eps": 1e-6,
       "model.attention_window": 0, "model.attention_impl": "xla", "model.num_layers": 1,
+      "model.num_decoder_layers": 0,  # as num_layers (t5_restore.py's decoder has 3)
       "model.d_model": 32, "model.d_ff": 32, "model.num_heads": 2, "data.seq_len": 40,
       "train.task": "seq2seq", "train.batch_size": 4, "train.eval_batch_size": 4}
 
