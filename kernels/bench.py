@@ -308,6 +308,15 @@ def _positive(s):
     return int(s)
 
 
+def _bools(s):
+    """A comma list of true/false (1/0, yes/no): anything else is an error, not False."""
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    values = [words.get(x.strip().lower()) for x in s.split(",") if x.strip()]
+    if not values or None in values:
+        raise argparse.ArgumentTypeError(f"expected true/false, comma-separated, got {s!r}")
+    return values
+
+
 def _ints(s):
     """A comma list of integers >= 1 (a size of 0 divided by zero or reached an empty jnp
     reference with a traceback)."""
@@ -341,9 +350,8 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=0, help="0: same as --heads")
     p.add_argument("--tokens", type=_positive, default=16384, help="batch * seq_len (batch >= 1)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--causal", type=lambda s: [x.strip().lower() in ("1", "true", "yes")
-                                               for x in s.split(",")],
-                   default=[False, True], help="comma list, e.g. 'false,true'")
+    p.add_argument("--causal", type=_bools, default=[False, True],
+                   help="comma list, e.g. 'false,true'")
     p.add_argument("--impls", type=lambda s: [x for x in s.split(",") if x], default=list(IMPLS))
     p.add_argument("--window", type=int, default=0,
                    help="sliding window W > 0 (causal rows only); 0: full attention")

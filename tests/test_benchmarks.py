@@ -68,6 +68,7 @@ def test_kernel_benchmark_on_cpu_says_no_gpu_and_checks_the_kernels(tmp_path):
     (["kernels/bench.py", "--cpu-seq-lens=16,0"], "--cpu-seq-lens"),
     (["kernels/bench.py", "--cpu-repeats=0"], "--cpu-repeats"),
     (["kernels/bench.py", "--window=-1"], "--window=-1"),
+    (["kernels/bench.py", "--causal=ture"], "'ture'"),  # was read as False, silently
     (["-m", "lm.convert", "--hf_dir=x"], "--workdir"),
 ])
 def test_benchmark_bad_input_is_one_line(args, fragment):
