@@ -221,7 +221,6 @@ def test_constrained_beams_equal_exhaustive_search_among_spellings():
   log-probabilities renormalised over the allowed tokens (float64 oracle over every prefix's
   teacher-forced logits), for four length penalties. Checked to fail when a beam's allowed
   tokens come from its pointer before the token it was extended by."""
-  import itertools
   from lm.tasks import seq2seq as s2s
   from lm.tokenizers import CharTokenizer
   tok = CharTokenizer("ab ,\nAB", specials=s2s.char_specials())
