@@ -20,7 +20,7 @@ grow with depth, the step time also as a multiple of the first depth's.
 
 Measured 2026-11-30 on the 2-core CPU (AMD EPYC, idle), base.py with --depths=6,24,48 and
 the default remat (auto): step 54-58 / 235-239 / 460-478 ms, 48 layers 8.25-8.44x the 6-layer
-step; init + first step 4.6-4.8 s at 48 layers (BUILD_NOTES.md, issue 17).
+step; init + first step 4.4-4.8 s at 48 layers (BUILD_NOTES.md, issue 17).
 """
 
 import json
