@@ -184,7 +184,7 @@ def tiny_args(data_path, workdir, *extra, **overrides):
   over = {**T5, "train.num_steps": 8, "train.warmup_steps": 1, "train.log_every": 2,
           "train.eval_every": 4, "train.eval_batches": 1, "train.checkpoint_every": 4,
           "train.learning_rate": 1e-2, "sample.num_samples": 1, "data.path": data_path,
-          "seq2seq.max_target_len": 40, **overrides}
+          "seq2seq.max_target_len": 40, "seq2seq.length_buckets": 4, **overrides}
   return ["--config=experiments/t5_restore.py", *(f"--config.{k}={v}" for k, v in over.items()),
           f"--workdir={workdir}", *extra]
 
