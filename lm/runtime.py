@@ -60,6 +60,8 @@ class Task:
   describe(result) -> the log line of an evaluation.
   meta(data) -> extra JSON stored with every checkpoint.
   report(run, state, tokenizer, data): after a finished run (process 0), e.g. samples.
+  batch_tokens(batch) -> the token positions a step's batch computes (the logged tokens/s);
+      None (the default): train.batch_size * data.seq_len.
   """
   name = ""
 
@@ -76,6 +78,9 @@ class Task:
 
   def report(self, run, state, tokenizer, data) -> None:
     pass
+
+  def batch_tokens(self, batch) -> int | None:
+    return None
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -377,7 +382,7 @@ class Loop:
                  "seed": config.seed, **job.task.meta(job.data)}
     self.tokens_per_step = config.train.batch_size * config.data.seq_len
     self.flops = flops_per_token(run.model_cfg, config.data.seq_len) * self.tokens_per_step
-    self.last_eval, self.t_log, self.since_log = {}, time.time(), 0
+    self.last_eval, self.t_log, self.since_log, self.tokens_since_log = {}, time.time(), 0, 0
     self.waited = {"batches": 0.0, "checkpoints": 0.0}  # seconds the loop waited for them
 
   def run(self, state, step: int, stop: ckpt_lib.StopSignal):
@@ -401,6 +406,7 @@ class Loop:
         state, metrics = self.train_step(state, batch, step)
         step += 1
         self.since_log += 1
+        self.tokens_since_log += job.task.batch_tokens(batch) or self.tokens_per_step
         self.guard.update(metrics, step)
         last = step == tc.num_steps
         is_log = step % tc.log_every == 0 or last
@@ -440,7 +446,8 @@ class Loop:
   def log(self, step: int, metrics: dict) -> None:
     metrics = jax.device_get(metrics)
     dt = (time.time() - self.t_log) / self.since_log
-    record = {**metrics, "tokens_per_sec": self.tokens_per_step / dt, "step_time_ms": 1e3 * dt}
+    tokens = self.tokens_since_log / self.since_log  # per step: length buckets vary it
+    record = {**metrics, "tokens_per_sec": tokens / dt, "step_time_ms": 1e3 * dt}
     from kernels.bridge import on_gpu
     if on_gpu():
       record["mfu"] = self.flops / dt / (H100_BF16_FLOPS * jax.device_count())
@@ -450,7 +457,7 @@ class Loop:
                  self.job.config.train.num_steps, metrics["train_loss"], extra, metrics["lr"],
                  record["tokens_per_sec"], record["step_time_ms"])
     self.writer.write(step, record)
-    self.t_log, self.since_log = time.time(), 0
+    self.t_log, self.since_log, self.tokens_since_log = time.time(), 0, 0
 
   def evaluate(self, step: int, state) -> None:
     job = self.job

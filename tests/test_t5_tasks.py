@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from lm import checkpoint as ckpt_lib
+from lm import tokenizers
 from lm import validate
 from lm.tasks import seq2seq
 from lm.tasks import span_corruption as sc
@@ -233,14 +236,25 @@ def test_the_embedded_restoration_task_reports_constrained_decoding(tmp_path, ca
   constrained to spell the input (metrics.jsonl), and the end-of-run report prints that
   output, whose letters are its input's (a prefix: a 2-step model may fill the length with
   punctuation). Checked to fail with the report's constrained output replaced by the free
-  greedy one."""
-  over = {"data.path": "", "seq2seq.max_chars": 40, "data.seq_len": 44,
-          "seq2seq.max_target_len": 44, "train.num_steps": 2, "train.eval_every": 2,
-          "train.checkpoint_every": 2, "seq2seq.eval_generate": 4, "seq2seq.length_buckets": 1}
+  greedy one. The logged tokens/s counts the input and target positions the length-bucketed
+  batches had (checked to fail with full-length rows counted, the old count)."""
+  over = {"data.path": "", "seq2seq.max_chars": 40, "data.seq_len": 88,  # rows half empty
+          "seq2seq.max_target_len": 120, "train.num_steps": 2, "train.eval_every": 2,
+          "train.checkpoint_every": 2, "seq2seq.eval_generate": 4, "seq2seq.length_buckets": 4}
   assert run_main(*tiny_args("", tmp_path / "w", **over)) == 0
-  evals = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
-           if "val_loss" in line]
+  records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text()
+             .splitlines()]
+  evals = [r for r in records if "val_loss" in r]
   assert evals and evals[-1]["generated_pairs"] == 4 and evals[-1]["cer_constrained"] >= 0
+  (log,) = [r for r in records if "tokens_per_sec" in r]  # log_every 2: steps 0 and 1
+  ckpt, meta = ckpt_lib.read_meta(str(tmp_path / "w"))
+  ckpt.close()
+  config, _, data = seq2seq.TASK.load_data(ml_collections.ConfigDict(meta["config"]),
+                                           tokenizers.from_json(meta["tokenizer"]))
+  positions = [b["inputs"].size + b["targets"].size
+               for b in (seq2seq.TASK.batch(data, config, step) for step in (0, 1))]
+  assert max(positions) <= config.train.batch_size * (44 + 60)  # cut to half the rows or less
+  assert log["tokens_per_sec"] * log["step_time_ms"] / 1e3 == pytest.approx(np.mean(positions))
   report = capfd.readouterr()[0].split("--- input ---\n", 1)[1]
   given = report.split("\n--- output ---", 1)[0]
   spelled = report.split("--- constrained ---\n", 1)[1].split("\n--- target ---", 1)[0]

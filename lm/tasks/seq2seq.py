@@ -540,6 +540,11 @@ class Seq2Seq(runtime.Task):
     cut = lambda rows: rows[idx, :int(np.ceil(rows.shape[1] * part))]
     return make_batch(cut(data.train.inputs), cut(data.train.targets), data.specials)
 
+  def batch_tokens(self, batch):
+    """Input and target positions, padding included (what the step computes; a bucketed
+    batch is cut short)."""
+    return sum(int(np.prod(batch[k].shape)) for k in ("inputs", "targets"))
+
   def loss(self, model, batch, rngs):
     loss_sum, correct, count = seq2seq_sums(model, batch, rngs)
     count = jnp.maximum(count, 1.0)
