@@ -89,11 +89,12 @@ def sample_logits(logits, key, temperature, top_k, top_p, mode: Mode | None = No
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-def _start(model, tokens, valid, max_new_tokens: int, repeat: int = 1):
+def start_decoding(model, tokens, valid, max_new_tokens: int, repeat: int = 1):
   """Runs the left-padded prompts tokens, valid [B, P] into a fresh cache: (logits of the
   first new token [B, V], cache, step). step(tokens [B * repeat], cache, i) -> (logits
   [B * repeat, V], cache) feeds the i-th generated token (i from 0) with every row of the
-  cache repeated `repeat` times (beam search's copies).
+  cache repeated `repeat` times (beam search's copies). Public so that a task can wrap step
+  (seq2seq.restore_texts constrains its logits) and hand it to beam_search.
 
   A decoder reads the prompt into its KV cache (tokens at times 0..P-1, positions counted
   over real tokens). An encoder-decoder encodes the prompt once (padding masked; relative
@@ -132,7 +133,7 @@ def _generate(graphdef, state, tokens, valid, max_new_tokens, mode, temperature,
               stop_token, key):
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
-  logits, cache, step = _start(model, tokens, valid, max_new_tokens)
+  logits, cache, step = start_decoding(model, tokens, valid, max_new_tokens)
   out = jnp.zeros((b, max_new_tokens), jnp.int32)
 
   def cond(carry):
@@ -241,7 +242,7 @@ def beam_search(step, logits, cache, *, num_beams: int, max_new_tokens: int, len
 def _beam_generate(graphdef, state, tokens, valid, max_new_tokens, num_beams, early_stopping,
                    length_penalty, stop_token):
   model = nnx.merge(graphdef, state)
-  logits, cache, step = _start(model, tokens, valid, max_new_tokens, repeat=num_beams)
+  logits, cache, step = start_decoding(model, tokens, valid, max_new_tokens, repeat=num_beams)
   return beam_search(step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      length_penalty=length_penalty, early_stopping=early_stopping,
                      stop_token=stop_token)
@@ -332,12 +333,12 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
                      mode, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                      jnp.int32(-1 if stop_token is None else stop_token), jax.random.key(seed))
   out = np.asarray(out)[:, :int(n)]
-  results = [_cut(seq, stop_token) for seq in out]
+  results = [cut_at_stop(seq, stop_token) for seq in out]
   k = num_return_sequences
   return [results[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
-def _cut(seq, stop_token):
+def cut_at_stop(seq, stop_token):
   """seq up to (without) its first stop_token."""
   if stop_token is not None and (seq == stop_token).any():
     seq = seq[:int(np.argmax(seq == stop_token))]
@@ -368,7 +369,7 @@ def beam_generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_ne
                          jnp.float32(length_penalty),
                          jnp.int32(-1 if stop_token is None else stop_token))
   tokens, scores, lengths = map(np.asarray, beams)
-  return [[(_cut(tokens[i, j, :lengths[i, j]], stop_token), float(scores[i, j]))
+  return [[(cut_at_stop(tokens[i, j, :lengths[i, j]], stop_token), float(scores[i, j]))
            for j in range(num_return_sequences) if np.isfinite(scores[i, j])]
           for i in range(len(prompts))]
 

@@ -376,7 +376,8 @@ def _restore(graphdef, state, inputs, max_new_tokens, num_beams, length_penalty,
   from lm import sample as sample_lib
   model = nnx.merge(graphdef, state)
   s = inputs.shape[1]
-  logits, cache, step = sample_lib._start(model, inputs, valid, max_new_tokens, repeat=num_beams)
+  logits, cache, step = sample_lib.start_decoding(model, inputs, valid, max_new_tokens,
+                                                  repeat=num_beams)
   vocab = jnp.arange(kind.shape[0])[None]
 
   def constrain(logits, ptr, rows):  # [N, V], [N], [N, S]: -inf where the output would not spell
@@ -419,7 +420,7 @@ def restore_texts(model, tokenizer, specials: Specials, examples: Examples, batc
     out = _restore(graphdef, state, jnp.asarray(rows), max_new_tokens, num_beams,
                    jnp.float32(length_penalty), jnp.asarray(rows != specials.pad, jnp.int32),
                    kind, key, jnp.int32(specials.eos))
-    return [sample_lib._cut(seq, specials.eos) for seq in np.asarray(out)]
+    return [sample_lib.cut_at_stop(seq, specials.eos) for seq in np.asarray(out)]
   return [tokenizer.decode(seq) for seq in _in_batches(examples, specials, batch_size, decode)]
 
 
