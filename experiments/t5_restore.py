@@ -4,13 +4,19 @@ seq2seq, the embedded restoration pairs: speeches of 20-150 characters, lm/tasks
 Command:
   python experiments/run.py --config=experiments/t5_restore.py --workdir=runs/t5
   python experiments/run.py --config=experiments/t5_restore.py --workdir=runs/t5 --mode=eval
+  python experiments/run.py --config=experiments/t5_restore.py --workdir=runs/t5 --mode=sample \
+      --prompt="now is the winter of our discontent" --num_samples=1
+(the prompt as the task's inputs are: lower case, no punctuation; sample mode decodes freely,
+greedy; --mode=eval reports both decodings). `--config=experiments/t5_restore.py:smoke`: 30
+steps, about 2 minutes, for trying the commands (its --mode=eval decodes every held-out pair to
+the full length, slower than a trained model's; `--data_path=FILE.jsonl` evaluates one's own).
 
 Measured 2026-11-30 on the idle 2-core CPU: training 1200 steps in 9 min 1 s wall (868 s user
 CPU); --mode=eval over all 2,875 held-out pairs 3 min 22 s. Held-out result (eval):
 teacher-forced loss 0.186, token accuracy 0.940; decoding constrained to spell the input (the
 model chooses case, punctuation and line breaks, never the letters: seq2seq.restore_texts)
-CER 0.0815 against the copy baseline's 0.1051, exact match 0.148 against 0.0 (--config.seed=1:
-CER 0.0773, exact match 0.150, 8 min 42 s). Free greedy decoding does not beat the copy
+CER 0.0776 against the copy baseline's 0.1051, exact match 0.148 against 0.0 (--config.seed=1:
+CER 0.0753, exact match 0.150, 8 min 42 s). Free greedy decoding does not beat the copy
 baseline: CER 0.347, exact match 0.136. On most speeches it is right or nearly (median CER
 0.08 over 256 pairs), but on about a quarter it loses its place where short n-grams repeat,
 skipping ahead or going back (BUILD_NOTES.md, "T5 encoder-decoders").
@@ -60,7 +66,10 @@ def get_config(arg: str | None = None):
   t.eval_batches = 4
   t.eval_batch_size = 64
   t.checkpoint_every = 400
-  config.sample.num_samples = 3
+  config.sample.num_samples = 3  # held-out pairs the end of training prints
+  # --mode=sample: greedy, the length of a target (the prompt: lower case, no punctuation)
+  config.sample.temperature = 0.0
+  config.sample.max_new_tokens = 152
   if arg == "smoke":
     t.num_steps, t.eval_every, t.checkpoint_every, t.log_every = 30, 30, 30, 10
     t.warmup_steps, t.eval_batches = 10, 2

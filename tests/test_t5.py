@@ -167,8 +167,10 @@ def test_constrained_restoration_is_greedy_among_the_spelling_tokens():
   """seq2seq.restore_texts (the restoration task's decoding): each token is the model's argmax
   among the tokens that keep the output spelling the input: punctuation anywhere, the next
   input character in either case, any whitespace for an input space, EOS once all is spelled.
-  Oracle: those rules on decoded strings, by repeated full forward passes. Checked to fail
-  when the pointer is not advanced past a space (the oracle then allows other letters)."""
+  Punctuation only while the max_new_tokens budget can still spell the rest. Oracle: those
+  rules on decoded strings, by repeated full forward passes. Checked to fail when the pointer
+  is not advanced past a space (the oracle then allows other letters), and with punctuation
+  allowed beyond the budget."""
   import unicodedata
   from lm.tasks import seq2seq as s2s
   from lm.tokenizers import CharTokenizer
@@ -199,8 +201,8 @@ def test_constrained_restoration_is_greedy_among_the_spelling_tokens():
           s = tok.decode([v]) if v != sp.pad else ""
           if len(s) != 1:
             return False
-          if unicodedata.category(s).startswith("P"):
-            return True
+          if unicodedata.category(s).startswith("P"):  # while the rest still fits
+            return n - len(want) - 1 >= len(text) - pos
           return pos < len(text) and (s.isspace() if text[pos] == " " else s.lower() == text[pos])
         v = max((v for v in range(tok.vocab_size) if allowed(v)), key=lambda v: logits[v])
         if v == sp.eos:
@@ -212,6 +214,13 @@ def test_constrained_restoration_is_greedy_among_the_spelling_tokens():
       stripped = s2s.strip_for_restoration(out)
       assert text.replace(" ", "").startswith(stripped.replace(" ", ""))
       spelled += stripped == text
+    # A budget of exactly the inputs' length leaves no room for punctuation: each input is
+    # spelled to its end (the model alone puts punctuation about every other step).
+    same = ["ab c", "ca b", "bbca"]
+    got = s2s.restore_texts(model, tok, sp, s2s.encode_pairs(tok, sp, s2s.Pairs(same, same),
+                                                             10, 10), batch_size=2,
+                            max_new_tokens=4)
+    assert [s2s.strip_for_restoration(out) for out in got] == same, got
   assert spelled >= 3  # inputs spelled to the end (EOS), spaces included
 
 
@@ -236,9 +245,10 @@ def test_constrained_beams_equal_exhaustive_search_among_spellings():
     kind[ids[c]], key[ids[c]] = k, ids[spell]
   row, n, beams = ex.inputs[0], 5, 81
 
-  def allowed(ptr):
+  def allowed(ptr, j):  # output token j: punctuation only while the rest can still be spelled
     nxt = row[ptr]
-    return [v for v in range(tok.vocab_size) if kind[v] == s2s.PUNCT
+    return [v for v in range(tok.vocab_size)
+            if (kind[v] == s2s.PUNCT and n - j - 1 >= len("a b") - ptr)
             or (kind[v] > s2s.PUNCT and key[v] == nxt) or (v == sp.eos and nxt == sp.eos)]
 
   model = make(vocab_size=tok.vocab_size, seed=6, decoder_start_id=sp.pad)
@@ -248,7 +258,7 @@ def test_constrained_beams_equal_exhaustive_search_among_spellings():
   prefixes, frontier = [((), 0)], [((), 0)]
   for _ in range(n - 1):
     frontier = [(p + (v,), ptr + (kind[v] > s2s.PUNCT)) for p, ptr in frontier
-                for v in allowed(ptr) if v != sp.eos]
+                for v in allowed(ptr, len(p)) if v != sp.eos]
     prefixes += frontier
   dec = np.full((len(prefixes), n + 1), sp.pad, np.int32)
   for r, (p, _) in enumerate(prefixes):
@@ -258,7 +268,7 @@ def test_constrained_beams_equal_exhaustive_search_among_spellings():
   # Each prefix's renormalised next-token log-probabilities and its own running sum.
   logp, total = {}, {(): 0.0}
   for r, (p, ptr) in enumerate(prefixes):
-    z, ok = logits[r, len(p)], allowed(ptr)
+    z, ok = logits[r, len(p)], allowed(ptr, len(p))
     logp[p] = dict(zip(ok, z[ok] - z[ok].max() - np.log(np.exp(z[ok] - z[ok].max()).sum())))
     for v in ok:
       if v != sp.eos and len(p) + 1 < n:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import time
 import unicodedata
 
 import jax
@@ -313,17 +314,22 @@ def teacher_forced(run, state, examples: Examples, specials: Specials,
           "val_tokens": int(totals[2])}
 
 
-def _in_batches(examples: Examples, specials: Specials, batch_size: int, decode) -> list:
+def _in_batches(examples: Examples, specials: Specials, batch_size: int, decode,
+                label: str) -> list:
   """decode(rows [batch_size, S]) -> one token sequence per row, over every input row in
   batches of batch_size (the last one filled with copies, so it compiles once), shortest rows
   first so that a batch's rows end at about the same step; the sequences in row order."""
   order = np.argsort((examples.inputs != specials.pad).sum(1), kind="stable")
   out = [None] * len(order)
-  for i in range(0, len(order), batch_size):
+  starts, t0 = range(0, len(order), batch_size), time.time()
+  for n, i in enumerate(starts, 1):
     chunk = list(order[i:i + batch_size])
     chunk += [chunk[-1]] * (batch_size - len(chunk))
     for j, seq in zip(chunk, decode(examples.inputs[chunk])):
       out[j] = seq
+    if len(starts) >= 10 and n % (len(starts) // 5) == 0:  # --mode=eval takes minutes
+      logging.info("%s: %d of %d pairs (%.0f s)", label, min(i + batch_size, len(order)),
+                   len(order), time.time() - t0)
   return out
 
 
@@ -337,7 +343,8 @@ def generate_texts(model, tokenizer, specials: Specials, examples: Examples, bat
                                temperature=0.0, max_new_tokens=max_new_tokens,
                                stop_token=specials.eos, pad_to=rows.shape[1])
     return [seq[0] for seq in seqs]
-  return [tokenizer.decode(seq) for seq in _in_batches(examples, specials, batch_size, decode)]
+  return [tokenizer.decode(seq)
+          for seq in _in_batches(examples, specials, batch_size, decode, "greedy decoding")]
 
 
 # --- restoration decoding: the output spells the input ------------------------------------------
@@ -380,20 +387,25 @@ def _restore(graphdef, state, inputs, max_new_tokens, num_beams, length_penalty,
                                                   repeat=num_beams)
   vocab = jnp.arange(kind.shape[0])[None]
 
-  def constrain(logits, ptr, rows):  # [N, V], [N], [N, S]: -inf where the output would not spell
-    nxt = jnp.take_along_axis(rows, ptr[:, None], 1)  # [N, 1]: the next input token to spell
-    allowed = ((kind[None] == PUNCT) | ((kind[None] > PUNCT) & (key[None] == nxt))
+  def constrain(logits, ptr, rows, j):
+    """logits [N, V] of output token j with -inf where the output would not spell rows [N, S]
+    (ptr [N]: the next input token to spell): punctuation only while the tokens left after
+    this one can still spell the rest, so every output within the budget spells its input."""
+    nxt = jnp.take_along_axis(rows, ptr[:, None], 1)  # [N, 1]
+    left_to_spell = jnp.argmax(rows == eos, axis=1) - ptr  # [N]: input tokens before EOS
+    punct_ok = (max_new_tokens - j - 1 >= left_to_spell)[:, None]
+    allowed = (((kind[None] == PUNCT) & punct_ok) | ((kind[None] > PUNCT) & (key[None] == nxt))
                | ((vocab == eos) & (nxt == eos)))
     return jnp.where(allowed, logits, -jnp.inf)
 
-  def spelling_step(tok, carry, i):
+  def spelling_step(tok, carry, i):  # tok: output token i; returns the logits of token i + 1
     cache, ptr, rows = carry
     ptr = jnp.minimum(ptr + (kind[tok] > PUNCT), s - 1)  # punctuation spells nothing
     logits, cache = step(tok, cache, i)
-    return constrain(logits, ptr, rows), (cache, ptr, rows)
+    return constrain(logits, ptr, rows, i + 1), (cache, ptr, rows)
 
   ptr = jnp.zeros(inputs.shape[0], jnp.int32)
-  beams = sample_lib.beam_search(spelling_step, constrain(logits, ptr, inputs),
+  beams = sample_lib.beam_search(spelling_step, constrain(logits, ptr, inputs, 0),
                                  (cache, ptr, inputs), num_beams=num_beams,
                                  max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                                  early_stopping=True, stop_token=eos)
@@ -406,7 +418,9 @@ def restore_texts(model, tokenizer, specials: Specials, examples: Examples, batc
   """Outputs constrained to spell their input, for the restoration task: at each step only
   the tokens that keep the output equal to the input up to case, punctuation and whitespace
   are allowed (the input's next character in either case, or a line break or space for its
-  next space, or any punctuation; EOS once the input is spelled); one beam is greedy among
+  next space, or any punctuation while the max_new_tokens budget can still spell the rest of
+  the input; EOS once the input is spelled), so every output spells its input (max_new_tokens
+  at least the input's length); one beam is greedy among
   them, more run lm.sample.beam_search (Hugging Face's rules; a hypothesis's score is its sum
   of log-probabilities renormalised over the allowed tokens, / length ** length_penalty).
   This is how a tagger restores punctuation (it cannot change the words), and Hugging Face's
@@ -421,7 +435,8 @@ def restore_texts(model, tokenizer, specials: Specials, examples: Examples, batc
                    jnp.float32(length_penalty), jnp.asarray(rows != specials.pad, jnp.int32),
                    kind, key, jnp.int32(specials.eos))
     return [sample_lib.cut_at_stop(seq, specials.eos) for seq in np.asarray(out)]
-  return [tokenizer.decode(seq) for seq in _in_batches(examples, specials, batch_size, decode)]
+  return [tokenizer.decode(seq)
+          for seq in _in_batches(examples, specials, batch_size, decode, "constrained decoding")]
 
 
 def generation_metrics(predictions: list[str], pairs: Pairs) -> dict:
