@@ -165,9 +165,9 @@ def test_relative_bias_init_and_learning_rate():
 
 def test_constrained_restoration_is_greedy_among_the_spelling_tokens():
   """seq2seq.restore_texts (the restoration task's decoding): each token is the model's argmax
-  among the tokens that keep the output spelling the input: punctuation anywhere, the next
-  input character in either case, any whitespace for an input space, EOS once all is spelled.
-  Punctuation only while the max_new_tokens budget can still spell the rest. Oracle: those
+  among the tokens that keep the output spelling the input: punctuation while the
+  max_new_tokens budget can still spell the rest, the next input character in either case,
+  any whitespace for an input space, EOS once all is spelled. Oracle: those
   rules on decoded strings, by repeated full forward passes. Checked to fail when the pointer
   is not advanced past a space (the oracle then allows other letters), and with punctuation
   allowed beyond the budget."""

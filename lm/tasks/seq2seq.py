@@ -420,9 +420,9 @@ def restore_texts(model, tokenizer, specials: Specials, examples: Examples, batc
   are allowed (the input's next character in either case, or a line break or space for its
   next space, or any punctuation while the max_new_tokens budget can still spell the rest of
   the input; EOS once the input is spelled), so every output spells its input (max_new_tokens
-  at least the input's length); one beam is greedy among
-  them, more run lm.sample.beam_search (Hugging Face's rules; a hypothesis's score is its sum
-  of log-probabilities renormalised over the allowed tokens, / length ** length_penalty).
+  at least the input's length); one beam is greedy among them, more run
+  lm.sample.beam_search (Hugging Face's rules; a hypothesis's score is its sum of
+  log-probabilities renormalised over the allowed tokens, / length ** length_penalty).
   This is how a tagger restores punctuation (it cannot change the words), and Hugging Face's
   prefix_allowed_tokens_fn; the free greedy output (generate_texts) shows how well the model
   copies on its own."""
