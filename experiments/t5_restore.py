@@ -27,7 +27,7 @@ missing spans, never the input copied in order (argued, not measured at equal bu
 Model: T5 v1.1 (gated-GELU, untied head), 2 encoder + 3 decoder layers, d_model 128, 8 heads,
 d_ff 256, 1.10M parameters, char tokens (325 with <pad> and </s>). Batches of 32 pairs in 8
 length buckets (seq2seq.length_buckets: cut to 19, 38, .., 152 tokens). Speeches up to 150
-characters, not 200: the longest tenth cost a third of the steps' time (attention is
+characters, not 200: the longest tenth cost a fifth of the steps' time (attention is
 quadratic); `--config.seq2seq.max_chars=200 --config.data.seq_len=200
 --config.seq2seq.max_target_len=208` restores longer ones (13 min 43 s with 4 buckets).
 """
